@@ -1,0 +1,165 @@
+"""Command-line entry points: ``callcap record`` and ``callcap schema``.
+
+Exit codes: 0 success; 2 a capture or the config could not be read (the other captures are
+still processed, and the error is one line on stderr naming the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from callcap import __version__
+from callcap.errors import CaptureError, ConfigError
+
+EXIT_OK = 0
+EXIT_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callcap", description="Passive SIP/RTP call recorder.")
+    parser.add_argument("--version", action="version", version=f"callcap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rec = sub.add_parser(
+        "record",
+        help="record every call in capture files (pcap/pcapng)",
+        description="Write one stereo WAV (caller left, callee right) and one JSON sidecar per "
+        "answered call found in the captures, under OUT/YYYY/MM/DD/.",
+    )
+    rec.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng file(s), read in order")
+    rec.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    rec.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
+    rec.add_argument("--log-format", choices=("json", "console"), help="log rendering (default: config)")
+    rec.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="minimum log level")
+
+    dmn = sub.add_parser(
+        "daemon",
+        help="record live calls from network interfaces",
+        description="Sniff SIP and RTP on the configured interfaces and record every call. "
+        "SIGTERM/SIGINT finish calls in flight and exit; SIGHUP reloads the config.",
+    )
+    dmn.add_argument("--config", metavar="FILE", help="YAML config (default: /etc/callcap/callcap.yaml if present)")
+    dmn.add_argument("--interface", action="append", default=[], metavar="IFACE", help="interface to sniff (repeatable)")
+    dmn.add_argument("--out", metavar="DIR", help="output directory (overrides recording.out_dir)")
+    dmn.add_argument("--log-format", choices=("json", "console"), help="log rendering (default: config)")
+    dmn.add_argument("--pcap", metavar="FILE", help="replay a capture file through the live path, then exit")
+
+    sub.add_parser("schema", help="print the JSON Schema of the per-call sidecar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        return _schema()
+    if args.command == "record":
+        return _record(args)
+    if args.command == "daemon":
+        return _daemon(args)
+    return EXIT_INPUT  # pragma: no cover - argparse enforces the choices
+
+
+def _schema() -> int:
+    from callcap.storage.sidecar import load_schema
+
+    sys.stdout.write(json.dumps(load_schema(), indent=2, ensure_ascii=False) + "\n")
+    return EXIT_OK
+
+
+SYSTEM_CONFIG = "/etc/callcap/callcap.yaml"
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from callcap.daemon import Daemon
+
+    config = args.config
+    if config is None and os.path.exists(SYSTEM_CONFIG):
+        config = SYSTEM_CONFIG
+    daemon = Daemon(config, interfaces=args.interface, out=args.out, log_format=args.log_format, pcap=args.pcap)
+    return daemon.run()
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"callcap: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _record(args: argparse.Namespace) -> int:
+    from callcap.capture.pcapfile import CaptureReader
+    from callcap.config.loader import load_config
+    from callcap.logs import configure_logging, get_logger
+    from callcap.pipeline import Pipeline
+    from callcap.recorder import Published
+    from callcap.storage.layout import ensure_dir
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_INPUT
+    configure_logging(
+        args.log_format or config.logging.format,
+        args.log_level or config.logging.level,
+        stream=sys.stderr,
+    )
+    log = get_logger("callcap.record")
+    out = Path(args.out)
+    try:
+        ensure_dir(out, config.recording.dir_mode)
+    except OSError as exc:
+        _error(f"cannot create output directory {out}: {exc.strerror or exc}")
+        return EXIT_INPUT
+
+    def published(rec: Published) -> None:
+        if rec.wav is not None:
+            sys.stdout.write(f"{rec.wav.path}\n")
+
+    pipeline = Pipeline(config, out, log, on_published=published)
+    pipeline.sources = tuple(os.path.basename(p) for p in args.captures)
+    status = EXIT_OK
+    for name in args.captures:
+        try:
+            reader = CaptureReader(name)
+        except CaptureError as exc:
+            _error(f"cannot read capture {exc}")
+            log.error("capture_unreadable", file=name, error=str(exc))
+            status = EXIT_INPUT
+            continue
+        log.info("capture_opened", file=name, format=reader.format)
+        first = True
+        feed = pipeline.feed
+        try:
+            with reader:
+                for ts, linktype, frame in reader:
+                    if first:
+                        first = False
+                        if ts < pipeline.now - 1.0:
+                            # An older file after a newer one: unrelated captures, not a rotation.
+                            pipeline.close("capture_end")
+                            pipeline.restart_clock()
+                    feed(ts, linktype, frame)
+        except CaptureError as exc:
+            _error(f"cannot read capture {exc}")
+            log.error("capture_unreadable", file=name, error=str(exc), packets=reader.packets)
+            status = EXIT_INPUT
+        if reader.truncated:
+            log.warning("capture_truncated", file=name, packets=reader.packets)
+        log.info("capture_done", file=name, packets=reader.packets)
+    pipeline.close("capture_end")
+    stats = pipeline.stats()
+    log.info(
+        "record_finished",
+        frames=stats.frames,
+        rtp_packets=stats.rtp_packets,
+        sip_messages=stats.sip_messages,
+        calls=stats.calls_started,
+        recordings=stats.recordings,
+        drops=stats.drops,
+    )
+    sys.stdout.flush()
+    return status

@@ -1,0 +1,204 @@
+"""``callcap daemon``: the live recorder's main loop and lifecycle.
+
+Signal handlers only set flags (gunicorn's arbiter does the same); the loop acts on them
+between batches of packets: SIGTERM/SIGINT end every call in flight as ``shutdown`` and
+publish it, SIGHUP reloads the config (a broken file is logged and the running config kept).
+The loop wakes at least four times a second, so flushing, inactivity timeouts and the
+systemd watchdog never wait on traffic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from callcap.capture.live import LiveCapture, build_filter
+from callcap.capture.pcapfile import CaptureReader
+from callcap.config.loader import load_config
+from callcap.config.schema import Config
+from callcap.errors import CaptureError, ConfigError
+from callcap.logs import configure_logging, get_logger
+from callcap.pipeline import Pipeline
+from callcap.sdnotify import Notifier
+from callcap.storage.layout import ensure_dir
+
+POLL_S = 0.25
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_CAPTURE = 3
+
+
+def _resident_mb() -> float:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    import resource
+
+    return round(pages * resource.getpagesize() / 1e6, 1)
+
+
+def apply_overrides(config: Config, interfaces: Sequence[str], out: str | None) -> Config:
+    capture = config.capture
+    if interfaces:
+        capture = dataclasses.replace(capture, interfaces=tuple(interfaces))
+    recording = config.recording
+    if out:
+        recording = dataclasses.replace(recording, out_dir=out)
+    return dataclasses.replace(config, capture=capture, recording=recording)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: str | None,
+        *,
+        interfaces: Sequence[str] = (),
+        out: str | None = None,
+        log_format: str | None = None,
+        pcap: str | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.interfaces = tuple(interfaces)
+        self.out = out
+        self.log_format = log_format
+        self.pcap = pcap
+        self._stop = False
+        self._reload = False
+        self.notifier = Notifier()
+        self.log: Any = get_logger("callcap.daemon")
+
+    def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop = True
+
+    def _on_reload(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload = True
+
+    def _load(self) -> Config:
+        return apply_overrides(load_config(self.config_path), self.interfaces, self.out)
+
+    def run(self) -> int:
+        try:
+            config = self._load()
+        except ConfigError as exc:
+            configure_logging(self.log_format or "json", "info")
+            self.log.error("config_invalid", error=str(exc))
+            return EXIT_CONFIG
+        configure_logging(self.log_format or config.logging.format, config.logging.level)
+        log = self.log
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        out = Path(config.recording.out_dir)
+        log.info("daemon_started", config=config.source, out_dir=str(out), pid=__import__("os").getpid())
+        try:
+            ensure_dir(out, config.recording.dir_mode)
+        except OSError as exc:
+            log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
+            return EXIT_CAPTURE
+        pipeline = Pipeline(config, out, log, durable=True)
+        try:
+            if self.pcap is not None:
+                return self._replay(pipeline, self.pcap)
+            return self._live(pipeline, config)
+        finally:
+            self.notifier.close()
+
+    def _live(self, pipeline: Pipeline, config: Config) -> int:
+        log = self.log
+        cap = config.capture
+        bpf = build_filter(cap.sip_ports, cap.rtp_port_range)
+        try:
+            source = LiveCapture(cap.interfaces, bpf=bpf, promiscuous=cap.promiscuous, snaplen=cap.snaplen)
+        except CaptureError as exc:
+            log.error("capture_failed", error=str(exc))
+            return EXIT_CAPTURE
+        with source:
+            log.info("capture_started", interfaces=source.interfaces, filter=bpf)
+            self.notifier.ready("capturing")
+            next_stats = time.monotonic() + config.logging.stats_interval_s
+            next_watchdog = time.monotonic()
+            while not self._stop:
+                for ts, linktype, frame in source.poll(POLL_S):
+                    pipeline.feed(ts, linktype, frame)
+                now = time.time()
+                if now >= pipeline.next_tick:
+                    pipeline.tick(now)
+                mono = time.monotonic()
+                if self.notifier.watchdog_interval is not None and mono >= next_watchdog:
+                    self.notifier.watchdog()
+                    next_watchdog = mono + self.notifier.watchdog_interval
+                if mono >= next_stats:
+                    next_stats = mono + pipeline.config.logging.stats_interval_s
+                    self._stats(pipeline, source)
+                if self._reload:
+                    self._reload = False
+                    self._reconfigure(pipeline)
+            self._shutdown(pipeline, source)
+        return EXIT_OK
+
+    def _replay(self, pipeline: Pipeline, path: str) -> int:
+        log = self.log
+        try:
+            reader = CaptureReader(path)
+        except CaptureError as exc:
+            log.error("capture_failed", error=str(exc))
+            return EXIT_CAPTURE
+        with reader:
+            log.info("capture_started", pcap=path)
+            self.notifier.ready("replaying")
+            try:
+                for ts, linktype, frame in reader:
+                    pipeline.feed(ts, linktype, frame)
+                    if self._stop:
+                        break
+            except CaptureError as exc:
+                log.error("capture_failed", error=str(exc))
+        if self._stop:
+            self._shutdown(pipeline, None)
+        else:
+            pipeline.close("capture_end")
+            self.notifier.stopping()
+            log.info("daemon_stopping", reason="capture_end")
+        return EXIT_OK
+
+    def _stats(self, pipeline: Pipeline, source: LiveCapture | None) -> None:
+        st = pipeline.stats()
+        kernel = source.stats() if source is not None else None
+        self.log.info(
+            "capture_stats",
+            packets=st.frames,
+            bytes=pipeline.bytes,
+            rtp_packets=st.rtp_packets,
+            sip_messages=st.sip_messages,
+            kernel_received=kernel.received if kernel else None,
+            kernel_dropped=kernel.dropped if kernel else None,
+            active_calls=st.active_calls,
+            recordings=st.recordings,
+            rss_mb=_resident_mb(),
+        )
+        self.notifier.status(f"{st.active_calls} calls active, {st.recordings} recorded")
+
+    def _reconfigure(self, pipeline: Pipeline) -> None:
+        try:
+            config = self._load()
+        except ConfigError as exc:
+            self.log.error("config_invalid", error=str(exc), file=exc.file, line=exc.line, key=exc.key)
+            return
+        pipeline.reconfigure(config)
+        self.log.info("config_reloaded", config=config.source)
+
+    def _shutdown(self, pipeline: Pipeline, source: LiveCapture | None) -> None:
+        self.notifier.stopping()
+        self.log.info("daemon_stopping", reason="signal", active_calls=len(pipeline.recorders))
+        pipeline.close("shutdown", time.time())
+        self._stats(pipeline, source)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)

@@ -1,0 +1,323 @@
+"""One RTP stream (one SSRC from one source to one destination): statistics and timeline placement.
+
+Placement is by RTP timestamp, anchored to capture time, so that a packet's audio lands at the
+call-timeline sample where it belongs whatever order packets arrive in: reordering inside the
+jitter window costs nothing, and loss leaves a hole of exactly the right length instead of
+compressing time.  The anchor follows the *minimum* transit (arrival minus media time), which
+jitter cannot lower, so the timeline tracks the capture clock within ``tolerance`` samples even
+when the sender's clock drifts over a ten-hour call (RFC 3550 §6.4.1 uses the same transit idea
+for jitter).
+
+Statistics follow RFC 3550 A.1 (extended sequence numbers, expected vs received) and A.8
+(interarrival jitter).  Everything here is sans-IO: arrival times come in as arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from callcap.capture.rtp import seq_distance, ts_delta
+
+TIMELINE_RATE = 8000
+"""Samples per second of the call timeline (the WAV's rate)."""
+
+MAX_DROPOUT = 3000
+"""A forward sequence jump at least this big is a restart, not loss (RFC 3550 A.1)."""
+
+MAX_MISORDER = 100
+"""A backward jump of at most this many packets is reordering; more is a restart (RFC 3550 A.1)."""
+
+_NEVER = math.inf
+
+
+@dataclass(slots=True)
+class Gap:
+    """Audio missing from one side: packets lost on the wire or arrived too late to place."""
+
+    from_pos: int
+    to_pos: int
+
+
+@dataclass(slots=True)
+class _OpenGap:
+    """Sequence numbers ``first..last`` not yet received; may still arrive reordered."""
+
+    first: int
+    last: int
+    from_pos: int
+    to_pos: int
+
+
+@dataclass(slots=True)
+class StreamStats:
+    packets: int = 0
+    duplicates: int = 0
+    reordered: int = 0
+    restarts: int = 0
+    reanchors: int = 0
+    jitter_max: float = 0.0  # in RTP clock units
+    jitter_sum: float = 0.0
+    jitter_samples: int = 0
+    payload_types: dict[int, int] = field(default_factory=dict)
+
+
+class RtpStream:
+    """Per-SSRC accounting and placement of one media stream on a call's timeline.
+
+    ``origin`` is the capture time of sample 0 of the call timeline.  ``push`` returns the
+    timeline position (in :data:`TIMELINE_RATE` samples) of the packet's first sample, or
+    ``None`` when the packet is a duplicate and must not be used again.
+    """
+
+    __slots__ = (
+        "_anchor",
+        "_base_ext",
+        "_cycles",
+        "_last_transit",
+        "_lost_before_restart",
+        "_max_seq",
+        "_open_gaps",
+        "_prev_end",
+        "_ref_ext_ts",
+        "_ref_ts",
+        "_scale",
+        "_seen",
+        "_window_min",
+        "clock_rate",
+        "closed_gaps",
+        "dst",
+        "first_arrival",
+        "jitter",
+        "last_arrival",
+        "origin",
+        "received",
+        "side",
+        "src",
+        "ssrc",
+        "stats",
+        "tolerance",
+    )
+
+    def __init__(
+        self,
+        *,
+        src: tuple[str, int],
+        dst: tuple[str, int],
+        ssrc: int,
+        side: str,
+        origin: float,
+        clock_rate: int = TIMELINE_RATE,
+        tolerance: int = 160,
+    ) -> None:
+        self.src = src
+        self.dst = dst
+        self.ssrc = ssrc
+        self.side = side
+        self.origin = origin
+        self.clock_rate = clock_rate if clock_rate > 0 else TIMELINE_RATE
+        self._scale = TIMELINE_RATE / self.clock_rate
+        self.tolerance = tolerance
+        self.stats = StreamStats()
+        self.received = 0  # unique packets in the current sequence run
+        self._lost_before_restart = 0
+        self.first_arrival = _NEVER
+        self.last_arrival = 0.0
+        self.jitter = 0.0
+        self._max_seq = -1  # highest extended sequence number seen (-1: none yet)
+        self._cycles = 0
+        self._base_ext = 0
+        self._seen: set[int] = set()
+        self._ref_ts = 0
+        self._ref_ext_ts = 0
+        self._anchor = _NEVER  # timeline samples = media samples + anchor
+        self._window_min = _NEVER
+        self._last_transit = _NEVER
+        self._prev_end = 0  # timeline end of the highest-sequence packet so far
+        self._open_gaps: list[_OpenGap] = []
+        self.closed_gaps: list[Gap] = []
+
+    # -- statistics -----------------------------------------------------------------------
+
+    @property
+    def expected(self) -> int:
+        return 0 if self._max_seq < 0 else self._max_seq - self._base_ext + 1
+
+    @property
+    def lost(self) -> int:
+        """Packets expected but never received in the current run (RFC 3550 A.3), never < 0."""
+        return max(0, self.expected - self.received) + self._lost_before_restart
+
+    @property
+    def jitter_ms(self) -> float:
+        return self.stats.jitter_max * 1000.0 / self.clock_rate
+
+    @property
+    def jitter_mean_ms(self) -> float:
+        s = self.stats
+        return (s.jitter_sum / s.jitter_samples * 1000.0 / self.clock_rate) if s.jitter_samples else 0.0
+
+    def set_clock_rate(self, rate: int) -> None:
+        """Adopt the codec's RTP clock (known once the first payload type is classified)."""
+        if self.stats.packets == 0 and rate > 0:
+            self.clock_rate = rate
+            self._scale = TIMELINE_RATE / rate
+
+    # -- the per-packet entry point ----------------------------------------------------------
+
+    def push(
+        self, arrival: float, seq: int, ts: int, pt: int, samples: int, *, timing: bool = True
+    ) -> int | None:
+        """Account one packet and place it; ``None`` for a duplicate.
+
+        ``samples`` is the packet's duration in media clock units (0 if unknown).  ``timing``
+        is False for packets whose timestamp does not advance with media time (RFC 4733
+        telephone-events keep the event's start timestamp), so they neither move the anchor
+        nor feed the jitter estimate.
+        """
+        stats = self.stats
+        stats.packets += 1
+        pts = stats.payload_types
+        pts[pt] = pts.get(pt, 0) + 1
+        if arrival < self.first_arrival:
+            self.first_arrival = arrival
+        if arrival > self.last_arrival:
+            self.last_arrival = arrival
+
+        # RFC 3550 A.1: extend the sequence number and classify the packet.
+        if self._max_seq < 0:
+            ext = seq
+            self._base_ext = ext
+            self._max_seq = ext
+            self._ref_ts = ts
+            self._ref_ext_ts = ts
+            forward = 1
+        else:
+            d = seq_distance(self._max_seq & 0xFFFF, seq)
+            if 0 < d < MAX_DROPOUT:
+                ext = self._max_seq + d
+                forward = d
+            elif d == 0:
+                stats.duplicates += 1
+                return None
+            elif -MAX_MISORDER <= d < 0:
+                ext = self._max_seq + d
+                if ext in self._seen or ext < self._base_ext:
+                    stats.duplicates += 1
+                    return None
+                forward = 0
+                stats.reordered += 1
+            else:
+                self._restart(seq, ts)
+                ext = seq
+                forward = 1
+        self._seen.add(ext)
+        self.received += 1
+        if len(self._seen) > 4 * MAX_MISORDER:
+            floor = self._max_seq - 2 * MAX_MISORDER
+            self._seen = {s for s in self._seen if s >= floor}
+
+        # Media time of this packet, unwrapped around the 32-bit timestamp.
+        ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
+        media = ext_ts * self._scale
+        if forward:
+            self._ref_ts = ts
+            self._ref_ext_ts = ext_ts
+
+        arrival_pos = (arrival - self.origin) * TIMELINE_RATE
+        if timing:
+            transit = arrival_pos - media
+            # RFC 3550 A.8 interarrival jitter, in media clock units.
+            if self._last_transit != _NEVER and forward:
+                dj = abs(transit - self._last_transit) / self._scale
+                self.jitter += (dj - self.jitter) / 16.0
+                if self.jitter > stats.jitter_max:
+                    stats.jitter_max = self.jitter
+                stats.jitter_sum += self.jitter
+                stats.jitter_samples += 1
+            if forward:
+                self._last_transit = transit
+            if transit < self._anchor - self.tolerance or self._anchor == _NEVER:
+                if self._anchor != _NEVER:
+                    stats.reanchors += 1
+                self._anchor = transit
+            if transit < self._window_min:
+                self._window_min = transit
+        elif self._anchor == _NEVER:
+            self._anchor = arrival_pos - media
+
+        pos = round(media + self._anchor)
+        length = round(samples * self._scale)
+        if forward > 1 and timing:
+            self._open_gaps.append(_OpenGap(self._max_seq + 1, ext - 1, self._prev_end, pos))
+        elif not forward and self._open_gaps:
+            self._fill_gap(ext, pos, pos + length)
+        if forward:
+            self._max_seq = ext
+            self._prev_end = pos + length
+            if self._open_gaps and ext - self._open_gaps[0].last > MAX_MISORDER:
+                self._close_old_gaps()
+        return pos
+
+    def position(self, ts: int) -> int | None:
+        """Timeline position of media timestamp ``ts`` under the current anchor (None before any)."""
+        if self._anchor == _NEVER:
+            return None
+        ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
+        return round(ext_ts * self._scale + self._anchor)
+
+    def end_window(self) -> None:
+        """Close a placement window (about a second): follow a clock that has fallen behind.
+
+        If every packet of the window arrived later than the anchor says by more than the
+        tolerance, the sender's clock runs slow against ours (or it paused its timestamps):
+        move the anchor so placement keeps matching capture time.
+        """
+        if self._window_min != _NEVER and self._window_min > self._anchor + self.tolerance:
+            self._anchor = self._window_min
+            self.stats.reanchors += 1
+        self._window_min = _NEVER
+
+    def finish(self) -> None:
+        """Stream over: every still-open gap is final."""
+        self.closed_gaps.extend(Gap(g.from_pos, g.to_pos) for g in self._open_gaps if g.to_pos > g.from_pos)
+        self._open_gaps.clear()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _restart(self, seq: int, ts: int) -> None:
+        """A sequence discontinuity too large to be loss or reordering: start a new run."""
+        self.stats.restarts += 1
+        self._lost_before_restart = self.lost
+        self.finish()
+        self.received = 0
+        self._seen.clear()
+        self._base_ext = seq
+        self._max_seq = seq
+        # Media time restarts from the new timestamp; re-anchor on arrival.
+        self._ref_ts = ts
+        self._ref_ext_ts = ts
+        self._anchor = _NEVER
+        self._window_min = _NEVER
+        self._last_transit = _NEVER
+
+    def _fill_gap(self, ext: int, start: int, end: int) -> None:
+        for i, gap in enumerate(self._open_gaps):
+            if gap.first <= ext <= gap.last:
+                pieces = []
+                if ext > gap.first:
+                    pieces.append(_OpenGap(gap.first, ext - 1, gap.from_pos, start))
+                if ext < gap.last:
+                    pieces.append(_OpenGap(ext + 1, gap.last, end, gap.to_pos))
+                self._open_gaps[i : i + 1] = pieces
+                return
+
+    def _close_old_gaps(self) -> None:
+        keep = []
+        for gap in self._open_gaps:
+            if self._max_seq - gap.last > MAX_MISORDER:
+                if gap.to_pos > gap.from_pos:
+                    self.closed_gaps.append(Gap(gap.from_pos, gap.to_pos))
+            else:
+                keep.append(gap)
+        self._open_gaps = keep

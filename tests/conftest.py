@@ -1,0 +1,39 @@
+"""Shared fixtures: where the public capture corpus lives."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def _corpus_dir() -> Path:
+    override = os.environ.get("CALLCAP_CORPUS")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    """The public SIP/RTP capture corpus (``../shared/corpus`` beside the checkout)."""
+    path = _corpus_dir()
+    if not (path / "facts.json").is_file():
+        pytest.fail(f"capture corpus not found at {path} (set CALLCAP_CORPUS)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_facts(corpus: Path) -> dict[str, Any]:
+    """tshark's view of every corpus capture, keyed by file name."""
+    facts = json.loads((corpus / "facts.json").read_text(encoding="utf-8"))
+    return {entry["file"]: entry for entry in facts["files"]}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA_DIR
