@@ -22,7 +22,7 @@ from callcap.capture.pcapfile import CaptureReader
 from callcap.config.loader import load_config
 from callcap.config.schema import Config
 from callcap.errors import CaptureError, ConfigError
-from callcap.logs import configure_logging, get_logger
+from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
 from callcap.sdnotify import Notifier
 from callcap.storage.layout import ensure_dir
@@ -61,7 +61,7 @@ class Daemon:
         *,
         interfaces: Sequence[str] = (),
         out: str | None = None,
-        log_format: str | None = None,
+        log_format: LogFormat | None = None,
         pcap: str | None = None,
     ) -> None:
         self.config_path = config_path

@@ -307,7 +307,9 @@ class CallTracker:
         if status < 300:
             call.answer = ts
             call.final_status = status
-            call.to = to
+            # The INVITE's To URI stays (proxies may rewrite it in responses); the 2xx
+            # contributes the winning branch's tag.
+            call.to = NameAddr(call.to.uri, call.to.display_name, call.to.user, to.tag)
             call.failed_at = None
             call.cancel_at = None  # a 2xx racing the CANCEL wins (RFC 3261 §9.1)
             events.append(CallAnswered(call, ts))

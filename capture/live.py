@@ -115,7 +115,7 @@ def _attach_filter(sock: socket.socket, expression: str) -> None:
     """
     try:
         from scapy.arch.common import compile_filter
-        from scapy.arch.linux import SO_ATTACH_FILTER, free_filter
+        from scapy.arch.linux import SO_ATTACH_FILTER, free_filter  # type: ignore[attr-defined]
         from scapy.libs.structures import sock_fprog
     except ImportError as exc:  # pragma: no cover - scapy is a dependency
         raise CaptureError(f"cannot compile BPF filter: {exc}") from exc
@@ -207,7 +207,7 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float:
     for level, kind, value in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(value)
-            return sec + nsec * 1e-9
+            return float(sec) + nsec * 1e-9
     return time.time()
 
 

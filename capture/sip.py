@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from callcap.errors import ParseError
 
-MAX_LINE = 8 * 1024
+MAX_LINE = 16 * 1024
 MAX_HEAD = 64 * 1024
 MAX_HEADERS = 256
 
@@ -251,16 +251,16 @@ def _parse_head(data: bytes) -> tuple[SipMessage, int, int | None]:
         if line[:1] in (b" ", b"\t"):
             if not headers:
                 raise ParseError("sip_bad_header", "continuation line before any header")
-            name, value = headers[-1]
-            headers[-1] = (name, value + " " + _decode(line.strip()))
+            prev_name, prev_value = headers[-1]
+            headers[-1] = (prev_name, prev_value + " " + _decode(line.strip()))
             continue
         colon = line.find(b":")
         if colon <= 0:
             raise ParseError("sip_bad_header", f"header line without a name: {line[:60]!r}")
-        name = line[:colon].strip()
-        if not _TOKEN.match(name):
-            raise ParseError("sip_bad_header", f"bad header name {name[:40]!r}")
-        headers.append((header_name(name.decode("ascii")), _decode(line[colon + 1 :].strip())))
+        raw_name = line[:colon].strip()
+        if not _TOKEN.match(raw_name):
+            raise ParseError("sip_bad_header", f"bad header name {raw_name[:40]!r}")
+        headers.append((header_name(raw_name.decode("ascii")), _decode(line[colon + 1 :].strip())))
         if len(headers) > MAX_HEADERS:
             raise ParseError("sip_oversized", f"more than {MAX_HEADERS} headers")
     msg = SipMessage(method, request_uri, status, reason, tuple(headers), b"")

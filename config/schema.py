@@ -1,0 +1,196 @@
+"""The typed configuration of callcap: frozen dataclasses, the only config type past the loader.
+
+The YAML loader (:mod:`callcap.config.loader`) converts a document into these classes by
+reading their type hints, so the schema *is* these declarations: a new key is a new field.
+Per-field rules travel in ``field(metadata=…)`` so they sit next to the field they guard:
+
+``check``
+    ``(min, max)`` — an inclusive numeric range (either end may be ``None`` for "open"); on a
+    tuple field it applies to every element, so an error names ``sip_ports[1]``. Or a callable
+    taking the converted value and returning a problem sentence, or ``None`` when valid. Or a
+    list of such rules, applied in order.
+``octal``
+    ``True`` — the value is a file mode written as an octal string (``"0640"``).
+``internal``
+    ``True`` — filled in by the loader, never read from YAML (``Config.source``).
+
+This module imports nothing of callcap and raises plain ``ValueError`` (from
+:meth:`Duration.parse`); the loader turns every problem into a located ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+#: A per-field rule: an inclusive ``(min, max)`` range or a callable returning a problem.
+Check = tuple[float | None, float | None] | Callable[[Any], str | None]
+#: What ``metadata["check"]`` may hold: one rule or a list of them.
+Checks = Check | list[Check]
+
+_DURATION_UNITS: dict[str, int] = {
+    "s": 1,
+    "m": 60,
+    "h": 3600,
+    "d": 86400,
+    "w": 7 * 86400,
+    "y": 365 * 86400,
+}
+_DURATION_RE = re.compile(r"([0-9]{1,9})([smhdwy])")
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """A span written the way retention policies are (``90d``, ``12w``, ``7y``).
+
+    ``text`` is kept as written so the sidecar can echo the policy verbatim; ``seconds`` is
+    what arithmetic uses. A year is 365 days: retention law counts calendar years, but a
+    recording kept a day longer in a leap year is the safe side of that rounding.
+    """
+
+    text: str
+    seconds: int
+
+    MAX_SECONDS: ClassVar[int] = 100 * 365 * 86400
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """Parse ``<digits><unit>`` with unit one of s, m, h, d, w, y; ``0d`` is allowed.
+
+        Capped at a century: beyond it a timestamp ``end + keep`` stops being a date any
+        filesystem or JSON consumer handles, and no policy means it.
+        """
+        match = _DURATION_RE.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                f"expected a duration like 90d (a whole number and one of s, m, h, d, w, y), "
+                f"got {text[:40]!r}"
+            )
+        seconds = int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if seconds > cls.MAX_SECONDS:
+            raise ValueError(f"must be at most 100y, got {text!r}")
+        return cls(text, seconds)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value:g}"
+
+
+def _non_empty(value: tuple[object, ...] | str) -> str | None:
+    return None if len(value) > 0 else "must not be empty"
+
+
+def _port_range(value: tuple[int, int] | None) -> str | None:
+    if value is None:
+        return None
+    low, high = value
+    for port in value:
+        if not 1 <= port <= 65535:
+            return f"ports must be between 1 and 65535, got {port}"
+    return None if low <= high else f"low port must not exceed high port, got [{low}, {high}]"
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureConfig:
+    """What to sniff and what to treat as SIP."""
+
+    #: UDP/TCP ports always treated as SIP (RFC 3261 §18.1: 5060, and 5061 for TLS).
+    #: Never empty: the live capture filter is built from these ports.
+    sip_ports: tuple[int, ...] = field(
+        default=(5060, 5061), metadata={"check": [_non_empty, (1, 65535)]}
+    )
+    #: Also recognise SIP on other ports by its first line (RFC 3261 §7.1 request/status line).
+    detect_sip_any_port: bool = True
+    #: Live daemon: interfaces to sniff; ``any`` is the Linux pseudo-interface.
+    interfaces: tuple[str, ...] = field(default=("any",), metadata={"check": _non_empty})
+    promiscuous: bool = False
+    #: Live BPF filter: ``None`` captures all UDP; else the inclusive ``[low, high]`` ports.
+    rtp_port_range: tuple[int, int] | None = field(default=None, metadata={"check": _port_range})
+    snaplen: int = field(default=65535, metadata={"check": (64, 262144)})
+
+
+@dataclass(frozen=True, slots=True)
+class CallsConfig:
+    """When a call is over, and how many may be tracked at once."""
+
+    #: No SIP and no RTP for this long ends a call with end_reason ``timeout``.
+    inactivity_timeout_s: float = field(default=300.0, metadata={"check": _positive})
+    #: After 401/407/CANCEL, wait this long for a retried INVITE or the final response:
+    #: RFC 3261 §17.1.1.2 Timer B = 64*T1 = 32 s is how long a client keeps trying.
+    failed_linger_s: float = field(default=32.0, metadata={"check": (0, None)})
+    max_active_calls: int = field(default=10000, metadata={"check": (1, None)})
+
+
+@dataclass(frozen=True, slots=True)
+class RtpConfig:
+    """Reordering and write-out granularity of the media path."""
+
+    jitter_window_ms: int = field(default=200, metadata={"check": (20, 5000)})
+    #: Audio is written in blocks at most this long, bounding what a crash can lose.
+    flush_interval_ms: int = field(default=1000, metadata={"check": (100, 1000)})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingConfig:
+    """Where recordings go and with which permissions."""
+
+    out_dir: str = field(default="/var/lib/callcap/recordings", metadata={"check": _non_empty})
+    #: Write a sidecar (no audio) for failed or cancelled calls too.
+    record_failed_calls: bool = False
+    file_mode: int = field(default=0o640, metadata={"octal": True})
+    dir_mode: int = field(default=0o750, metadata={"octal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentDefault:
+    """Consent regime applied when no rule matches (rules arrive in a later version)."""
+
+    mode: Literal["one_party", "all_party"] = "one_party"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentConfig:
+    default: ConsentDefault = field(default_factory=ConsentDefault)
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionDefault:
+    """How long a recording is kept when no rule matches."""
+
+    keep: Duration = field(default_factory=lambda: Duration.parse("90d"))
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    default: RetentionDefault = field(default_factory=RetentionDefault)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """Log rendering and the periods of the rate-limited and periodic events."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``packet_dropped`` is logged at most once per interval per reason, with the count.
+    drop_log_interval_s: float = field(default=10.0, metadata={"check": (0, None)})
+    #: Period of the daemon's ``capture_stats`` event.
+    stats_interval_s: float = field(default=60.0, metadata={"check": _positive})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; ``source`` names the file it came from (for logs)."""
+
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
+    rtp: RtpConfig = field(default_factory=RtpConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
+    consent: ConsentConfig = field(default_factory=ConsentConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    source: str = field(default="<defaults>", metadata={"internal": True})
