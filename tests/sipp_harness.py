@@ -162,9 +162,13 @@ def _render(template: str, **values: str) -> str:
 
 @contextlib.contextmanager
 def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[bytes]]:
-    """tcpdump on loopback, started and listening before the call begins."""
+    """tcpdump on loopback, started and listening before the call begins.
+
+    ``--immediate-mode`` matters: with the kernel's block-buffered capture ring (TPACKET_V3)
+    the packets of a partly filled block are lost when tcpdump is interrupted.
+    """
     proc = subprocess.Popen(
-        ["tcpdump", "-i", interface, "-U", "-s", "0", "-w", str(capture), "udp or tcp"],
+        ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-s", "0", "-w", str(capture), "udp or tcp"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
