@@ -31,11 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Write one stereo WAV (caller left, callee right) and one JSON sidecar per "
         "answered call found in the captures, under OUT/YYYY/MM/DD/.",
     )
-    rec.add_argument("captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng file(s), read in order")
+    rec.add_argument(
+        "captures", nargs="+", metavar="CAPTURE", help="pcap or pcapng file(s), read in order"
+    )
     rec.add_argument("--out", required=True, metavar="DIR", help="output directory")
     rec.add_argument("--config", metavar="FILE", help="YAML config (default: built-in defaults)")
-    rec.add_argument("--log-format", choices=("json", "console"), help="log rendering (default: config)")
-    rec.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="minimum log level")
+    rec.add_argument(
+        "--log-format", choices=("json", "console"), help="log rendering (default: config)"
+    )
+    rec.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="minimum log level"
+    )
 
     dmn = sub.add_parser(
         "daemon",
@@ -43,11 +49,25 @@ def _parser() -> argparse.ArgumentParser:
         description="Sniff SIP and RTP on the configured interfaces and record every call. "
         "SIGTERM/SIGINT finish calls in flight and exit; SIGHUP reloads the config.",
     )
-    dmn.add_argument("--config", metavar="FILE", help="YAML config (default: /etc/callcap/callcap.yaml if present)")
-    dmn.add_argument("--interface", action="append", default=[], metavar="IFACE", help="interface to sniff (repeatable)")
+    dmn.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config (default: /etc/callcap/callcap.yaml if present)",
+    )
+    dmn.add_argument(
+        "--interface",
+        action="append",
+        default=[],
+        metavar="IFACE",
+        help="interface to sniff (repeatable)",
+    )
     dmn.add_argument("--out", metavar="DIR", help="output directory (overrides recording.out_dir)")
-    dmn.add_argument("--log-format", choices=("json", "console"), help="log rendering (default: config)")
-    dmn.add_argument("--pcap", metavar="FILE", help="replay a capture file through the live path, then exit")
+    dmn.add_argument(
+        "--log-format", choices=("json", "console"), help="log rendering (default: config)"
+    )
+    dmn.add_argument(
+        "--pcap", metavar="FILE", help="replay a capture file through the live path, then exit"
+    )
 
     sub.add_parser("schema", help="print the JSON Schema of the per-call sidecar")
     return parser
@@ -80,7 +100,9 @@ def _daemon(args: argparse.Namespace) -> int:
     config = args.config
     if config is None and os.path.exists(SYSTEM_CONFIG):
         config = SYSTEM_CONFIG
-    daemon = Daemon(config, interfaces=args.interface, out=args.out, log_format=args.log_format, pcap=args.pcap)
+    daemon = Daemon(
+        config, interfaces=args.interface, out=args.out, log_format=args.log_format, pcap=args.pcap
+    )
     return daemon.run()
 
 

@@ -96,7 +96,9 @@ class Daemon:
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
         out = Path(config.recording.out_dir)
-        log.info("daemon_started", config=config.source, out_dir=str(out), pid=__import__("os").getpid())
+        log.info(
+            "daemon_started", config=config.source, out_dir=str(out), pid=__import__("os").getpid()
+        )
         try:
             ensure_dir(out, config.recording.dir_mode)
         except OSError as exc:
@@ -115,7 +117,9 @@ class Daemon:
         cap = config.capture
         bpf = build_filter(cap.sip_ports, cap.rtp_port_range)
         try:
-            source = LiveCapture(cap.interfaces, bpf=bpf, promiscuous=cap.promiscuous, snaplen=cap.snaplen)
+            source = LiveCapture(
+                cap.interfaces, bpf=bpf, promiscuous=cap.promiscuous, snaplen=cap.snaplen
+            )
         except CaptureError as exc:
             log.error("capture_failed", error=str(exc))
             return EXIT_CAPTURE
@@ -189,7 +193,9 @@ class Daemon:
         try:
             config = self._load()
         except ConfigError as exc:
-            self.log.error("config_invalid", error=str(exc), file=exc.file, line=exc.line, key=exc.key)
+            self.log.error(
+                "config_invalid", error=str(exc), file=exc.file, line=exc.line, key=exc.key
+            )
             return
         pipeline.reconfigure(config)
         self.log.info("config_reloaded", config=config.source)

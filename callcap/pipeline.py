@@ -112,8 +112,10 @@ class Pipeline:
                 route = self.router.match(dg.src, dg.sport, dg.dst, dg.dport)
                 if route is not None:
                     self._rtp(ts, route[0], route[1], dg)
-                elif dg.dport in self._sip_ports or dg.sport in self._sip_ports or (
-                    self._detect_any and looks_like_sip(dg.payload)
+                elif (
+                    dg.dport in self._sip_ports
+                    or dg.sport in self._sip_ports
+                    or (self._detect_any and looks_like_sip(dg.payload))
                 ):
                     self._sip_datagram(ts, dg)
                 else:
@@ -196,7 +198,9 @@ class Pipeline:
         if len(self.recorders) >= self.config.calls.max_active_calls:
             self.drops.drop("too_many_calls", event.ts)
             return
-        rec = CallRecorder(call, self.config, self.out_dir, durable=self.durable, sources=self.sources)
+        rec = CallRecorder(
+            call, self.config, self.out_dir, durable=self.durable, sources=self.sources
+        )
         self.recorders[call.call_id] = rec
         self.calls_started += 1
         self.log.info(
@@ -231,7 +235,10 @@ class Pipeline:
         except (OSError, CallcapError) as exc:
             rec.discard()
             self.log.error(
-                "recording_failed", call_uid=rec.call_uid, error=str(exc)[:500], exc_type=type(exc).__name__
+                "recording_failed",
+                call_uid=rec.call_uid,
+                error=str(exc)[:500],
+                exc_type=type(exc).__name__,
             )
             return
         doc = published.document
@@ -255,7 +262,7 @@ class Pipeline:
         if self.on_published is not None:
             self.on_published(published)
 
-    # -- time ---------------------------------------------------------------------------------------
+    # -- time -------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """Once per flush interval of capture time: write audio blocks, end idle calls."""
@@ -288,7 +295,7 @@ class Pipeline:
         return self._next_tick
 
     def reconfigure(self, config: Config) -> None:
-        """A reloaded config: applies to calls that start from now on; calls in flight keep theirs."""
+        """A reloaded config applies to calls starting from now on; calls in flight keep theirs."""
         self.config = config
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port

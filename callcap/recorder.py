@@ -120,7 +120,9 @@ class CallRecorder:
         self.media[side] = media
         if media.encrypted:
             self.encrypted_sides.add(side)
-            self.warn("encrypted_media", f"{side} announced {media.proto}: SRTP audio is not decodable")
+            self.warn(
+                "encrypted_media", f"{side} announced {media.proto}: SRTP audio is not decodable"
+            )
 
     def add_info_dtmf(self, side: str, digit: str, duration_ms: int | None, ts: float) -> None:
         at = None if self.origin is None else round(ts - self.origin, 3)
@@ -176,11 +178,13 @@ class CallRecorder:
             assert ctx.events is not None
             for digit in ctx.events.feed(ts, payload):
                 self._event_digit(ctx, digit)
-        else:
-            # Comfort noise stands for silence (RFC 3389); unsupported and encrypted payloads
-            # are counted but never decoded into noise.
-            if stream.push(arrival, seq, ts, pt, 0) is not None and what is not PayloadKind.COMFORT_NOISE:
-                ctx.audio_pts[pt] = ctx.audio_pts.get(pt, 0) + 1
+        # Comfort noise stands for silence (RFC 3389); unsupported and encrypted payloads
+        # are counted but never decoded into noise.
+        elif (
+            stream.push(arrival, seq, ts, pt, 0) is not None
+            and what is not PayloadKind.COMFORT_NOISE
+        ):
+            ctx.audio_pts[pt] = ctx.audio_pts.get(pt, 0) + 1
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -211,7 +215,7 @@ class CallRecorder:
                 (pos + len(payload) for pending in self._pending for pos, payload, _ in pending),
                 default=0,
             )
-            horizon = max(int(round((end - self.origin) * TIMELINE_RATE)), last, self.written)
+            horizon = max(round((end - self.origin) * TIMELINE_RATE), last, self.written)
             if self._carry is not None:
                 horizon = max(horizon, self.written + len(self._carry))
             self._write_until(horizon)
@@ -221,7 +225,8 @@ class CallRecorder:
         stem = _unique_stem(stem)
         if keep_audio:
             part = self._ensure_writer() if self._writer is None else self._part
-            assert part is not None and self._writer is not None
+            assert part is not None
+            assert self._writer is not None
             self._writer.close()
             audio_format = self._writer.format
             frames = self._writer.frames
@@ -260,7 +265,9 @@ class CallRecorder:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _new_stream(self, key: tuple[bytes, int, bytes, int, int], sender: str, arrival: float) -> _StreamContext:
+    def _new_stream(
+        self, key: tuple[bytes, int, bytes, int, int], sender: str, arrival: float
+    ) -> _StreamContext:
         if self.origin is None:
             self.origin = arrival
             self._ensure_writer()
@@ -276,8 +283,10 @@ class CallRecorder:
         self.streams[key] = ctx
         return ctx
 
-    def _classify(self, sender: str, pt: int, ctx: _StreamContext) -> tuple[str, str | None, Decoder | None]:
-        """What a payload type means on this stream, from the receiver's SDP first (RFC 3264 §5.1)."""
+    def _classify(
+        self, sender: str, pt: int, ctx: _StreamContext
+    ) -> tuple[str, str | None, Decoder | None]:
+        """What a payload type means here: the receiver's SDP first (RFC 3264 §5.1)."""
         rtpmap: RtpMap | None = None
         for side in (other_side(sender), sender):
             md = self.media.get(side)
@@ -320,7 +329,9 @@ class CallRecorder:
         duration = round(digit.duration * 1000 / (ctx.stream.clock_rate or TIMELINE_RATE))
         self._add_dtmf(digit.digit, ctx.stream.side, "rfc4733", at, duration)
 
-    def _add_dtmf(self, digit: str, side: str, source: str, at: float | None, duration_ms: int | None) -> None:
+    def _add_dtmf(
+        self, digit: str, side: str, source: str, at: float | None, duration_ms: int | None
+    ) -> None:
         if len(self.dtmf) >= MAX_DTMF:
             self.warn("dtmf_omitted", f"more than {MAX_DTMF} DTMF digits; the rest are not listed")
             return
@@ -371,8 +382,7 @@ class CallRecorder:
                 if item[0] < horizon:
                     taken[ch].append(item)
                     end = item[0] + len(item[1]) - start
-                    if end > length:
-                        length = end
+                    length = max(length, end)
                 else:
                     keep.append(item)
             self._pending[ch][:] = keep
@@ -389,7 +399,9 @@ class CallRecorder:
         self._carry = block[n:].copy() if length > n else None
         self.written = horizon
 
-    def _sidecar(self, wav: PublishedFile | None, audio_format: str, frames: int, file_name: str) -> dict[str, Any]:
+    def _sidecar(
+        self, wav: PublishedFile | None, audio_format: str, frames: int, file_name: str
+    ) -> dict[str, Any]:
         call = self.call
         end = call.end if call.end is not None else call.last_activity
         cfg = self.config
@@ -405,13 +417,22 @@ class CallRecorder:
                 "channels": list(CHANNELS),
                 "frames": frames,
                 "duration_s": round(frames / TIMELINE_RATE, 3),
-                "start": iso_utc(self.origin if self.origin is not None else (call.answer or call.start)),
+                "start": iso_utc(
+                    self.origin if self.origin is not None else (call.answer or call.start)
+                ),
                 "sha256": wav.sha256,
                 "bytes": wav.size,
             }
-        streams = [self._stream_doc(ctx) for ctx in sorted(self.streams.values(), key=lambda c: c.stream.first_arrival)]
+        streams = [
+            self._stream_doc(ctx)
+            for ctx in sorted(self.streams.values(), key=lambda c: c.stream.first_arrival)
+        ]
         gaps = [
-            {"side": side, "from_s": round(a / TIMELINE_RATE, 3), "to_s": round(b / TIMELINE_RATE, 3)}
+            {
+                "side": side,
+                "from_s": round(a / TIMELINE_RATE, 3),
+                "to_s": round(b / TIMELINE_RATE, 3),
+            }
             for side, a, b in _merge_gaps(self.gaps)
         ]
         return {
@@ -430,7 +451,9 @@ class CallRecorder:
             "end_reason": call.end_reason or "capture_end",
             "final_status": call.final_status,
             "transport": call.transport,
-            "user_agents": [{"side": side, "value": clean_text(value, 256)} for side, value in call.user_agents],
+            "user_agents": [
+                {"side": side, "value": clean_text(value, 256)} for side, value in call.user_agents
+            ],
             "audio": audio,
             "streams": streams,
             "gaps": gaps,
@@ -482,7 +505,9 @@ class CallRecorder:
         }
 
 
-def _scatter(block: npt.NDArray[np.int16], ch: int, start: int, items: list[tuple[int, bytes, Decoder]]) -> None:
+def _scatter(
+    block: npt.NDArray[np.int16], ch: int, start: int, items: list[tuple[int, bytes, Decoder]]
+) -> None:
     """Decode queued payloads in one lookup per codec and drop them at their sample positions."""
     by_decoder: dict[Decoder, list[tuple[int, bytes, Decoder]]] = {}
     for item in items:

@@ -111,7 +111,7 @@ class PacketDecoder:
 
     # -- general path ----------------------------------------------------------------------------
 
-    def _network(  # noqa: PLR0917 - internal, positional for speed
+    def _network(
         self, ts: float, etype: int, buf: bytes, off: int, end: int, depth: int
     ) -> Datagram | None:
         if etype == ETH_IPV4:
@@ -150,7 +150,7 @@ class PacketDecoder:
                     )
         return self._transport(ts, proto, pkt.src, pkt.dst, buf, start, stop, depth)
 
-    def _transport(  # noqa: PLR0917 - internal, positional for speed
+    def _transport(
         self,
         ts: float,
         proto: int,

@@ -152,13 +152,17 @@ class CallTracker:
             if ended is not None:
                 # Late copies for a call that already ended (BYE retransmissions, 200 to BYE).
                 key: tuple[object, ...] = (
-                    (msg.method, cseq, from_.tag) if msg.is_request else (msg.status, cseq, cseq_method, to.tag, from_.tag)
+                    (msg.method, cseq, from_.tag)
+                    if msg.is_request
+                    else (msg.status, cseq, cseq_method, to.tag, from_.tag)
                 )
                 if not self._seen(ended, key):
                     self.counters["after_end"] += 1
                 return events
         if msg.is_request:
-            self._request(msg, call, call_id, from_, to, cseq, cseq_method, ts, src, dst, transport, events)
+            self._request(
+                msg, call, call_id, from_, to, cseq, cseq_method, ts, src, dst, transport, events
+            )
         elif call is not None:
             self._response(msg, call, from_, to, cseq, cseq_method, ts, events)
         else:
@@ -194,7 +198,9 @@ class CallTracker:
                 if ended is not None and ("INVITE", cseq, from_.tag) in ended.seen:
                     self.counters["retransmissions"] += 1
                     return
-                call = self._new_call(msg, call_id, from_, to, cseq, ts, src, dst, transport, events)
+                call = self._new_call(
+                    msg, call_id, from_, to, cseq, ts, src, dst, transport, events
+                )
             elif self._seen(call, ("INVITE", cseq, from_.tag)):
                 return
             else:
@@ -289,11 +295,19 @@ class CallTracker:
             # re-INVITE / UPDATE / PRACK answers carry the responder's media; 2xx to a
             # forked INVITE after the call was answered by another branch only counts.
             if cseq_method in ("INVITE", "UPDATE", "PRACK") and 100 < status < 300:
-                if cseq_method == "INVITE" and cseq == call.invite_cseq and status >= 200:
-                    if call.to.tag is not None and to.tag != call.to.tag:
-                        self.counters["late_fork_answers"] += 1
-                        return
-                self._offers(call, responder, msg, ts, events, early=call.answer is None, to_tag=to.tag)
+                late_fork = (
+                    cseq_method == "INVITE"
+                    and cseq == call.invite_cseq
+                    and status >= 200
+                    and call.to.tag is not None
+                    and to.tag != call.to.tag
+                )
+                if late_fork:
+                    self.counters["late_fork_answers"] += 1
+                    return
+                self._offers(
+                    call, responder, msg, ts, events, early=call.answer is None, to_tag=to.tag
+                )
             return
         if call.ended:
             self.counters["response_after_end"] += 1
@@ -354,10 +368,16 @@ class CallTracker:
 
     def _user_agent(self, call: Call, side: Side, msg: SipMessage) -> None:
         value = msg.user_agent
-        if value and len(call.user_agents) < MAX_USER_AGENTS and (side, value) not in call.user_agents:
+        if (
+            value
+            and len(call.user_agents) < MAX_USER_AGENTS
+            and (side, value) not in call.user_agents
+        ):
             call.user_agents.append((side, value))
 
-    def _finish(self, call: Call, reason: str, end: float, events: list[Event], now: float | None = None) -> None:
+    def _finish(
+        self, call: Call, reason: str, end: float, events: list[Event], now: float | None = None
+    ) -> None:
         call.end = end
         call.end_reason = reason
         self.calls.pop(call.call_id, None)

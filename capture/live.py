@@ -1,4 +1,4 @@
-"""Live capture from network interfaces through Linux ``AF_PACKET`` sockets with a kernel BPF filter.
+"""Live capture from interfaces through Linux ``AF_PACKET`` sockets with a kernel BPF filter.
 
 Frames come off the socket as raw bytes and go through the same decoders as capture files:
 no per-packet scapy dissection.  scapy compiles the filter expression (libpcap's grammar) into
@@ -60,7 +60,11 @@ def build_filter(sip_ports: Sequence[int], rtp_port_range: tuple[int, int] | Non
     fields (IPv4 offset/MF, IPv6 fragment header) and reassembled in user space.
     """
     ports = " or ".join(f"port {p}" for p in sorted(set(sip_ports)))
-    udp = "udp" if rtp_port_range is None else f"(udp and (portrange {rtp_port_range[0]}-{rtp_port_range[1]} or {ports}))"
+    udp = (
+        "udp"
+        if rtp_port_range is None
+        else f"(udp and (portrange {rtp_port_range[0]}-{rtp_port_range[1]} or {ports}))"
+    )
     core = f"{udp} or (tcp and ({ports})) or (ip[6:2] & 0x3fff != 0) or (ip6 and ip6[6] == 44)"
     return f"({core}) or (vlan and ({core}))"
 
@@ -79,9 +83,13 @@ class _Socket:
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         except PermissionError as exc:
-            raise CaptureError(f"{interface}: capturing needs CAP_NET_RAW ({exc.strerror})") from exc
+            raise CaptureError(
+                f"{interface}: capturing needs CAP_NET_RAW ({exc.strerror})"
+            ) from exc
         except OSError as exc:
-            raise CaptureError(f"{interface}: cannot open a packet socket ({exc.strerror})") from exc
+            raise CaptureError(
+                f"{interface}: cannot open a packet socket ({exc.strerror})"
+            ) from exc
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUF, bufsize)
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -121,10 +129,12 @@ def _attach_filter(sock: socket.socket, expression: str) -> None:
         raise CaptureError(f"cannot compile BPF filter: {exc}") from exc
     try:
         program = compile_filter(expression, linktype=DLT_EN10MB)
-    except Exception as exc:  # scapy raises its own types for libpcap errors  # noqa: BLE001
+    except Exception as exc:  # scapy raises its own types for libpcap errors
         raise CaptureError(f"cannot compile BPF filter {expression!r}: {exc}") from exc
     try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, sock_fprog(program.bf_len, program.bf_insns))
+        sock.setsockopt(
+            socket.SOL_SOCKET, SO_ATTACH_FILTER, sock_fprog(program.bf_len, program.bf_insns)
+        )
     finally:
         free_filter(program)
 
@@ -206,8 +216,10 @@ def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float:
     """The kernel's receive timestamp (SO_TIMESTAMPNS), not the time Python got round to it."""
     for level, kind, value in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
+            sec: int
+            nsec: int
             sec, nsec = _TIMESPEC.unpack_from(value)
-            return float(sec) + nsec * 1e-9
+            return sec + nsec * 1e-9
     return time.time()
 
 

@@ -164,7 +164,7 @@ class CaptureReader:
             self.packets = n
 
     def _iter_pcapng(self, ng: Any) -> Iterator[Frame]:
-        from scapy.error import Scapy_Exception  # noqa: PLC0415 - scapy only if pcapng is read
+        from scapy.error import Scapy_Exception
 
         n = 0
         try:
@@ -251,7 +251,7 @@ def _pcapng_reader_class() -> Any:
     global _ng_class  # noqa: PLW0603 - lazily built singleton, avoids importing scapy early
     if _ng_class is not None:
         return _ng_class
-    from scapy.utils import RawPcapNgReader  # noqa: PLC0415 - costly import, pcapng only
+    from scapy.utils import RawPcapNgReader
 
     logging.getLogger("scapy.runtime").addFilter(_QuietPcapNg())
 
@@ -376,7 +376,7 @@ def _pcapng_reader_class() -> Any:
 
 
 def _open_pcapng(path: str, f: IO[bytes], magic: bytes) -> Any:
-    from scapy.error import Scapy_Exception  # noqa: PLC0415 - scapy only if pcapng is read
+    from scapy.error import Scapy_Exception
 
     cls = _pcapng_reader_class()
     # scapy's reader metaclass only accepts a file name in ``__call__``; build the instance

@@ -89,7 +89,9 @@ def parse_rtp(data: bytes) -> tuple[int, bool, int, int, int, int, bytes]:
             raise ParseError("rtp_bad_padding", "RTP padding count is zero")
         end -= pad
     if start > end:
-        raise ParseError("rtp_short", f"RTP headers need {start} bytes, packet payload ends at {end}")
+        raise ParseError(
+            "rtp_short", f"RTP headers need {start} bytes, packet payload ends at {end}"
+        )
     return b1 & 0x7F, bool(b1 & 0x80), seq, ts, ssrc, cc, data[start:end]
 
 

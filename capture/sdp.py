@@ -79,7 +79,7 @@ class MediaDescription:
 
     @property
     def on_hold(self) -> bool:
-        return self.direction in ("sendonly", "inactive") or self.address in ("0.0.0.0", "::")
+        return self.direction in ("sendonly", "inactive") or self.address in ("0.0.0.0", "::")  # noqa: S104 - RFC 2543 hold, not a bind
 
 
 @dataclass(frozen=True, slots=True)

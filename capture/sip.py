@@ -116,7 +116,9 @@ class NameAddr:
         user = user_match.group(1) if user_match and user_match.group(1) else None
         if user is None and uri.lower().startswith("tel:"):
             user = uri[4:].split(";", 1)[0] or None
-        return cls(uri=uri, display_name=display, user=user, tag=tag_match.group(1) if tag_match else None)
+        return cls(
+            uri=uri, display_name=display, user=user, tag=tag_match.group(1) if tag_match else None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,8 @@ class SipMessage:
             body = data[body_start:]
         elif content_length > available:
             raise ParseError(
-                "sip_truncated_body", f"Content-Length {content_length} but only {available} body bytes"
+                "sip_truncated_body",
+                f"Content-Length {content_length} but only {available} body bytes",
             )
         else:
             body = data[body_start : body_start + content_length]
@@ -187,7 +190,9 @@ class SipMessage:
     def cseq(self) -> tuple[int, str]:
         value = (self.header("cseq") or "").split()
         if len(value) != 2 or not value[0].isdigit() or len(value[0]) > 10:
-            raise ParseError("sip_bad_cseq", f"CSeq must be 'number METHOD', got {' '.join(value)[:60]!r}")
+            raise ParseError(
+                "sip_bad_cseq", f"CSeq must be 'number METHOD', got {' '.join(value)[:60]!r}"
+            )
         return int(value[0]), value[1].upper()
 
     @property
@@ -266,14 +271,18 @@ def _parse_head(data: bytes) -> tuple[SipMessage, int, int | None]:
     msg = SipMessage(method, request_uri, status, reason, tuple(headers), b"")
     for required in ("call-id", "from", "to", "cseq"):
         if msg.header(required) is None:
-            raise ParseError(f"sip_missing_{required.replace('-', '_')}", f"no {_title(required)} header")
+            raise ParseError(
+                f"sip_missing_{required.replace('-', '_')}", f"no {_title(required)} header"
+            )
     msg.cseq  # validates the CSeq form  # noqa: B018
     length_text = msg.header("content-length")
     content_length: int | None = None
     if length_text is not None:
         length_text = length_text.strip()
         if not length_text.isdigit() or len(length_text) > 9:
-            raise ParseError("sip_bad_content_length", f"Content-Length {length_text[:20]!r} is not a number")
+            raise ParseError(
+                "sip_bad_content_length", f"Content-Length {length_text[:20]!r} is not a number"
+            )
         content_length = int(length_text)
     return msg, end + sep, content_length
 
@@ -345,18 +354,14 @@ def _split_multipart(body: bytes, boundary: bytes) -> list[bytes]:
     delimiter = b"--" + boundary
     pieces = body.split(delimiter)
     parts = []
-    for piece in pieces[1:]:
-        if piece.startswith(b"--"):
+    for raw in pieces[1:]:
+        if raw.startswith(b"--"):
             break  # close-delimiter
         # strip the CRLF after the delimiter line and the CRLF before the next delimiter
-        if piece.startswith(b"\r\n"):
-            piece = piece[2:]
-        elif piece.startswith(b"\n"):
-            piece = piece[1:]
-        if piece.endswith(b"\r\n"):
-            piece = piece[:-2]
-        elif piece.endswith(b"\n"):
-            piece = piece[:-1]
+        piece = raw.removeprefix(b"\r\n") if raw.startswith(b"\r\n") else raw.removeprefix(b"\n")
+        piece = (
+            piece.removesuffix(b"\r\n") if piece.endswith(b"\r\n") else piece.removesuffix(b"\n")
+        )
         parts.append(piece)
     return parts
 
@@ -441,11 +446,17 @@ class SipStreamFramer:
                 end, sep = lf, 2
             if end < 0:
                 if len(buf) > min(self.max_message, MAX_HEAD):
-                    out.append(ParseError("sip_oversized", "no end of message head within the size limit"))
+                    out.append(
+                        ParseError("sip_oversized", "no end of message head within the size limit")
+                    )
                     self._resync(1)
                     continue
                 if not _could_start_sip(bytes(buf[:32])):
-                    out.append(ParseError("sip_bad_start_line", f"stream data is not SIP: {bytes(buf[:40])!r}"))
+                    out.append(
+                        ParseError(
+                            "sip_bad_start_line", f"stream data is not SIP: {bytes(buf[:40])!r}"
+                        )
+                    )
                     self._resync(1)
                     continue
                 break
@@ -459,7 +470,11 @@ class SipStreamFramer:
             length = length or 0
             total = body_start + length
             if total > self.max_message:
-                out.append(ParseError("sip_oversized", f"message of {total} bytes exceeds {self.max_message}"))
+                out.append(
+                    ParseError(
+                        "sip_oversized", f"message of {total} bytes exceeds {self.max_message}"
+                    )
+                )
                 self._resync(body_start)
                 continue
             if len(buf) < total:

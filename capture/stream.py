@@ -155,7 +155,11 @@ class RtpStream:
     @property
     def jitter_mean_ms(self) -> float:
         s = self.stats
-        return (s.jitter_sum / s.jitter_samples * 1000.0 / self.clock_rate) if s.jitter_samples else 0.0
+        return (
+            (s.jitter_sum / s.jitter_samples * 1000.0 / self.clock_rate)
+            if s.jitter_samples
+            else 0.0
+        )
 
     def set_clock_rate(self, rate: int) -> None:
         """Adopt the codec's RTP clock (known once the first payload type is classified)."""
@@ -179,10 +183,8 @@ class RtpStream:
         stats.packets += 1
         pts = stats.payload_types
         pts[pt] = pts.get(pt, 0) + 1
-        if arrival < self.first_arrival:
-            self.first_arrival = arrival
-        if arrival > self.last_arrival:
-            self.last_arrival = arrival
+        self.first_arrival = min(self.first_arrival, arrival)
+        self.last_arrival = max(self.last_arrival, arrival)
 
         # RFC 3550 A.1: extend the sequence number and classify the packet.
         if self._max_seq < 0:
@@ -231,8 +233,7 @@ class RtpStream:
             if self._last_transit != _NEVER and forward:
                 dj = abs(transit - self._last_transit) / self._scale
                 self.jitter += (dj - self.jitter) / 16.0
-                if self.jitter > stats.jitter_max:
-                    stats.jitter_max = self.jitter
+                stats.jitter_max = max(stats.jitter_max, self.jitter)
                 stats.jitter_sum += self.jitter
                 stats.jitter_samples += 1
             if forward:
@@ -241,8 +242,7 @@ class RtpStream:
                 if self._anchor != _NEVER:
                     stats.reanchors += 1
                 self._anchor = transit
-            if transit < self._window_min:
-                self._window_min = transit
+            self._window_min = min(self._window_min, transit)
         elif self._anchor == _NEVER:
             self._anchor = arrival_pos - media
 
@@ -260,7 +260,7 @@ class RtpStream:
         return pos
 
     def position(self, ts: int) -> int | None:
-        """Timeline position of media timestamp ``ts`` under the current anchor (None before any)."""
+        """Timeline position of media timestamp ``ts`` under the current anchor, if any."""
         if self._anchor == _NEVER:
             return None
         ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
@@ -280,7 +280,9 @@ class RtpStream:
 
     def finish(self) -> None:
         """Stream over: every still-open gap is final."""
-        self.closed_gaps.extend(Gap(g.from_pos, g.to_pos) for g in self._open_gaps if g.to_pos > g.from_pos)
+        self.closed_gaps.extend(
+            Gap(g.from_pos, g.to_pos) for g in self._open_gaps if g.to_pos > g.from_pos
+        )
         self._open_gaps.clear()
 
     # -- internals ----------------------------------------------------------------------------

@@ -17,7 +17,16 @@ from types import MappingProxyType
 _EVENT = struct.Struct("!BBH")
 
 EVENT_DIGITS: Mapping[int, str] = MappingProxyType(
-    {**{i: str(i) for i in range(10)}, 10: "*", 11: "#", 12: "A", 13: "B", 14: "C", 15: "D", 16: "flash"}
+    {
+        **{i: str(i) for i in range(10)},
+        10: "*",
+        11: "#",
+        12: "A",
+        13: "B",
+        14: "C",
+        15: "D",
+        16: "flash",
+    }
 )
 
 

@@ -31,7 +31,9 @@ def _alaw_table() -> Pcm:
     sign = code & 0x80
     exponent = (code >> 4) & 0x07
     mantissa = code & 0x0F
-    magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    magnitude = np.where(
+        exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0)
+    )
     # In A-law the sign bit set means positive (G.711 table 1a).
     return np.where(sign != 0, magnitude, -magnitude).astype(np.int16)
 
@@ -83,5 +85,7 @@ def _encoder(table: Pcm) -> Callable[[npt.ArrayLike], bytes]:
 encode_ulaw = _encoder(ULAW_TO_PCM)
 encode_alaw = _encoder(ALAW_TO_PCM)
 
-DECODERS: Mapping[str, Callable[[bytes], Pcm]] = MappingProxyType({"PCMU": decode_ulaw, "PCMA": decode_alaw})
+DECODERS: Mapping[str, Callable[[bytes], Pcm]] = MappingProxyType(
+    {"PCMU": decode_ulaw, "PCMA": decode_alaw}
+)
 """Decoders by upper-case SDP encoding name (RFC 3551 §4.5.14)."""

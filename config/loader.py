@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 import yaml
-from callcap.config.schema import Check, Config, Duration
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from callcap.config.schema import Check, Config, Duration
 from callcap.errors import ConfigError
 
 T = TypeVar("T")

@@ -26,7 +26,13 @@ def make_call_uid(call_id: str, from_tag: str | None, start_ts: float) -> str:
 def recording_stem(out_dir: Path, start_ts: float, call_uid: str) -> Path:
     """``out_dir/YYYY/MM/DD/HHMMSS_<call_uid>`` from the call's start time in UTC."""
     t = time.gmtime(start_ts)
-    return out_dir / f"{t.tm_year:04d}" / f"{t.tm_mon:02d}" / f"{t.tm_mday:02d}" / f"{t.tm_hour:02d}{t.tm_min:02d}{t.tm_sec:02d}_{call_uid}"
+    return (
+        out_dir
+        / f"{t.tm_year:04d}"
+        / f"{t.tm_mon:02d}"
+        / f"{t.tm_mday:02d}"
+        / f"{t.tm_hour:02d}{t.tm_min:02d}{t.tm_sec:02d}_{call_uid}"
+    )
 
 
 def spool_dir(out_dir: Path) -> Path:

@@ -7,6 +7,7 @@ half-written recording.  Audio is renamed into place first and the sidecar last,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,7 +45,9 @@ def _hash(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def publish_file(part: Path, final: Path, *, file_mode: int = 0o640, dir_mode: int = 0o750) -> PublishedFile:
+def publish_file(
+    part: Path, final: Path, *, file_mode: int = 0o640, dir_mode: int = 0o750
+) -> PublishedFile:
     """Make ``part`` durable, hash it, and rename it to ``final`` (which must not exist)."""
     try:
         _fsync_path(part)
@@ -60,7 +63,9 @@ def publish_file(part: Path, final: Path, *, file_mode: int = 0o640, dir_mode: i
     return PublishedFile(final, size, digest)
 
 
-def write_json_atomic(final: Path, obj: object, *, file_mode: int = 0o640, dir_mode: int = 0o750) -> PublishedFile:
+def write_json_atomic(
+    final: Path, obj: object, *, file_mode: int = 0o640, dir_mode: int = 0o750
+) -> PublishedFile:
     """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory."""
     data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -79,9 +84,7 @@ def write_json_atomic(final: Path, obj: object, *, file_mode: int = 0o640, dir_m
         os.replace(tmp, final)
         _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
     return PublishedFile(final, len(data), hashlib.sha256(data).hexdigest())

@@ -23,7 +23,11 @@ SCHEMA_VERSION = 1
 
 @lru_cache(maxsize=1)
 def _schema_text() -> str:
-    return resources.files("callcap.storage").joinpath("sidecar.schema.json").read_text(encoding="utf-8")
+    return (
+        resources.files("callcap.storage")
+        .joinpath("sidecar.schema.json")
+        .read_text(encoding="utf-8")
+    )
 
 
 def load_schema() -> dict[str, Any]:

@@ -31,12 +31,17 @@ class WavWriter:
         self._format: str | None = None
         try:
             self._file = soundfile.SoundFile(
-                str(path), "w", samplerate=sample_rate, channels=channels, subtype="PCM_16", format="RF64"
+                str(path),
+                "w",
+                samplerate=sample_rate,
+                channels=channels,
+                subtype="PCM_16",
+                format="RF64",
             )
         except (OSError, RuntimeError) as exc:  # soundfile raises LibsndfileError (a RuntimeError)
             raise StorageError(f"cannot create {path}: {exc}") from exc
-        ffi = soundfile._ffi  # noqa: SLF001 - python-soundfile does not wrap this libsndfile command
-        soundfile._snd.sf_command(self._file._file, SFC_RF64_AUTO_DOWNGRADE, ffi.NULL, 1)  # noqa: SLF001
+        ffi = soundfile._ffi
+        soundfile._snd.sf_command(self._file._file, SFC_RF64_AUTO_DOWNGRADE, ffi.NULL, 1)
 
     @property
     def frames(self) -> int:
@@ -54,7 +59,10 @@ class WavWriter:
 
     def write(self, frames: npt.NDArray[np.int16]) -> None:
         if frames.ndim != 2 or frames.shape[1] != self.channels or frames.dtype != np.int16:
-            raise StorageError(f"expected int16 frames of shape (n, {self.channels}), got {frames.dtype} {frames.shape}")
+            shape = f"(n, {self.channels})"
+            raise StorageError(
+                f"expected int16 frames of shape {shape}, got {frames.dtype} {frames.shape}"
+            )
         if len(frames) == 0:
             return
         try:

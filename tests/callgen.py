@@ -29,9 +29,16 @@ def _ip(text: str) -> bytes:
     return bytes(int(p) for p in text.split("."))
 
 
-def udp_frame(src: str, sport: int, dst: str, dport: int, payload: bytes, *, vlan: int | None = None) -> bytes:
+def udp_frame(
+    src: str, sport: int, dst: str, dport: int, payload: bytes, *, vlan: int | None = None
+) -> bytes:
     udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, _ip(src), _ip(dst)) + udp
+    ip = (
+        struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, _ip(src), _ip(dst)
+        )
+        + udp
+    )
     eth = b"\x02\x00\x00\x00\x00\x02" + b"\x02\x00\x00\x00\x00\x01"
     if vlan is not None:
         eth += struct.pack("!HH", 0x8100, vlan)
@@ -80,25 +87,47 @@ class Call:
             f"From: {frm}\r\nTo: {to}\r\nCall-ID: {self.call_id}\r\nCSeq: {cseq}\r\n"
         )
 
-    def request(self, ts: float, method: str, *, body: str = "", to_tag: bool = True, from_callee: bool = False, ctype: str = "application/sdp") -> None:
+    def request(
+        self,
+        ts: float,
+        method: str,
+        *,
+        body: str = "",
+        to_tag: bool = True,
+        from_callee: bool = False,
+        ctype: str = "application/sdp",
+    ) -> None:
         self.cseq += 1
-        cseq = f"{1 if method in ('INVITE', 'ACK', 'CANCEL') and not to_tag else self.cseq} {method}"
+        cseq = (
+            f"{1 if method in ('INVITE', 'ACK', 'CANCEL') and not to_tag else self.cseq} {method}"
+        )
         if method == "ACK" and to_tag:
             cseq = "1 ACK"
-        text = f"{method} sip:peer@{CALLEE_IP} SIP/2.0\r\n" + self._headers(cseq, to_tag, from_callee)
+        text = f"{method} sip:peer@{CALLEE_IP} SIP/2.0\r\n" + self._headers(
+            cseq, to_tag, from_callee
+        )
         if body:
             text += f"Content-Type: {ctype}\r\n"
         text += f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
         self.sip(ts, text, from_caller=not from_callee)
 
-    def response(self, ts: float, status: str, cseq: str = "1 INVITE", *, body: str = "", to_tag: bool = True) -> None:
+    def response(
+        self, ts: float, status: str, cseq: str = "1 INVITE", *, body: str = "", to_tag: bool = True
+    ) -> None:
         text = f"SIP/2.0 {status}\r\n" + self._headers(cseq, to_tag)
         if body:
             text += "Content-Type: application/sdp\r\n"
         text += f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
         self.sip(ts, text, from_caller=False)
 
-    def setup(self, t: float, *, answer_after: float = 1.0, caller_sdp: str | None = None, callee_sdp: str | None = None) -> float:
+    def setup(
+        self,
+        t: float,
+        *,
+        answer_after: float = 1.0,
+        caller_sdp: str | None = None,
+        callee_sdp: str | None = None,
+    ) -> float:
         """INVITE at ``t``, 180, 200 after ``answer_after``, ACK; returns the answer time."""
         self.request(t, "INVITE", body=caller_sdp or sdp(CALLER_IP, self.caller_port), to_tag=False)
         self.response(t + 0.05, "100 Trying", to_tag=False)
@@ -128,11 +157,25 @@ class Call:
     ) -> None:
         if ssrc is None:
             ssrc = 0xCA11E500 if from_caller else 0xCA11EE00
-        head = struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | pt, seq & 0xFFFF, rtp_ts & 0xFFFFFFFF, ssrc)
+        head = struct.pack(
+            "!BBHII", 0x80, (0x80 if marker else 0) | pt, seq & 0xFFFF, rtp_ts & 0xFFFFFFFF, ssrc
+        )
         if from_caller:
-            frame = udp_frame(CALLER_IP, src_port or self.caller_port, CALLEE_IP, dst_port or self.callee_port, head + payload)
+            frame = udp_frame(
+                CALLER_IP,
+                src_port or self.caller_port,
+                CALLEE_IP,
+                dst_port or self.callee_port,
+                head + payload,
+            )
         else:
-            frame = udp_frame(CALLEE_IP, src_port or self.callee_port, CALLER_IP, dst_port or self.caller_port, head + payload)
+            frame = udp_frame(
+                CALLEE_IP,
+                src_port or self.callee_port,
+                CALLER_IP,
+                dst_port or self.caller_port,
+                head + payload,
+            )
         self.records.append((ts, frame))
 
     def stream(
@@ -186,8 +229,12 @@ def write_long_call(path: Path, seconds: float, *, start: float = T0) -> int:
     payload_b = encode_ulaw(tone(1000, 0.02))
     head = struct.Struct("!BBHII")
     rec = struct.Struct("<IIII")
-    template_a = udp_frame(CALLER_IP, call.caller_port, CALLEE_IP, call.callee_port, bytes(12) + payload_a)
-    template_b = udp_frame(CALLEE_IP, call.callee_port, CALLER_IP, call.caller_port, bytes(12) + payload_b)
+    template_a = udp_frame(
+        CALLER_IP, call.caller_port, CALLEE_IP, call.callee_port, bytes(12) + payload_a
+    )
+    template_b = udp_frame(
+        CALLEE_IP, call.callee_port, CALLER_IP, call.caller_port, bytes(12) + payload_b
+    )
     rtp_off = len(template_a) - 12 - PTIME
     packets = 0
     with path.open("wb") as f:
@@ -210,7 +257,9 @@ def write_long_call(path: Path, seconds: float, *, start: float = T0) -> int:
             sec = int(ts)
             usec = min(999_999, round((ts - sec) * 1e6))
             head.pack_into(frame_a, rtp_off, 0x80, 0, i & 0xFFFF, (i * PTIME) & 0xFFFFFFFF, 0x1111)
-            head.pack_into(frame_b, rtp_off, 0x80, 0, (i + 7) & 0xFFFF, (5 + i * PTIME) & 0xFFFFFFFF, 0x2222)
+            head.pack_into(
+                frame_b, rtp_off, 0x80, 0, (i + 7) & 0xFFFF, (5 + i * PTIME) & 0xFFFFFFFF, 0x2222
+            )
             buf.append(rec.pack(sec, usec, len(frame_a), len(frame_a)) + frame_a)
             buf.append(rec.pack(sec, usec, len(frame_b), len(frame_b)) + frame_b)
             if len(buf) >= 20000:

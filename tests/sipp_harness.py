@@ -44,7 +44,10 @@ def free_port_pair() -> int:
     for _ in range(200):
         port = free_udp_port() & ~1
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+            ):
                 a.bind((LOOPBACK, port))
                 b.bind((LOOPBACK, port + 1))
                 return port
@@ -57,8 +60,33 @@ def make_speech(text: str, tmp: Path, *, voice: str = "en") -> npt.NDArray[np.in
     """Speech from espeak-ng as 8 kHz mono int16 (resampled by sox)."""
     wav = tmp / "speech.wav"
     raw = tmp / "speech.s16"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text], check=True, capture_output=True, timeout=60)
-    subprocess.run(["sox", str(wav), "-t", "raw", "-r", str(RATE), "-c", "1", "-e", "signed-integer", "-b", "16", "-L", str(raw)], check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    subprocess.run(
+        [
+            "sox",
+            str(wav),
+            "-t",
+            "raw",
+            "-r",
+            str(RATE),
+            "-c",
+            "1",
+            "-e",
+            "signed-integer",
+            "-b",
+            "16",
+            "-L",
+            str(raw),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     samples = np.frombuffer(raw.read_bytes(), dtype="<i2").astype(np.int16)
     return samples[: len(samples) - len(samples) % PTIME]
 
@@ -110,16 +138,35 @@ def write_rtp_pcap(
         if i in events:
             digit, first, k = events[i]
             end = k == 5
-            body = struct.pack("!BBH", _EVENT_CODES[digit], (0x80 if end else 0) | 10, (k + 1) * PTIME)
+            body = struct.pack(
+                "!BBH", _EVENT_CODES[digit], (0x80 if end else 0) | 10, (k + 1) * PTIME
+            )
             marker = 0x80 if k == 0 else 0
-            head = struct.pack("!BBHII", 0x80, marker | dtmf_pt, seq & 0xFFFF, (ts0 + first * PTIME) & 0xFFFFFFFF, ssrc)
+            head = struct.pack(
+                "!BBHII",
+                0x80,
+                marker | dtmf_pt,
+                seq & 0xFFFF,
+                (ts0 + first * PTIME) & 0xFFFFFFFF,
+                ssrc,
+            )
             for j in range(3 if end else 1):  # the end packet is sent three times, same seq
                 records.append((t + j * 0.001, head + body))
             seq += 1
             sent_audio += silence
             continue
         chunk = payload[i * PTIME : (i + 1) * PTIME]
-        rtp = struct.pack("!BBHII", 0x80, pt | (0x80 if i == 0 else 0), seq & 0xFFFF, (ts0 + i * PTIME) & 0xFFFFFFFF, ssrc) + chunk
+        rtp = (
+            struct.pack(
+                "!BBHII",
+                0x80,
+                pt | (0x80 if i == 0 else 0),
+                seq & 0xFFFF,
+                (ts0 + i * PTIME) & 0xFFFFFFFF,
+                ssrc,
+            )
+            + chunk
+        )
         records.append((t, rtp))
         sent_audio += chunk
         seq += 1
@@ -137,10 +184,24 @@ def _write_pcap(out: Path, records: list[tuple[float, bytes]]) -> None:
         for ts, rtp in records:
             udp = struct.pack("!HHHH", 6000, 6000, 8 + len(rtp), 0) + rtp
             total = 20 + len(udp)
-            ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 0, 0x4000, 64, 17, 0, bytes([10, 1, 1, 1]), bytes([10, 1, 1, 2]))
+            ip = struct.pack(
+                "!BBHHHBBH4s4s",
+                0x45,
+                0,
+                total,
+                0,
+                0x4000,
+                64,
+                17,
+                0,
+                bytes([10, 1, 1, 1]),
+                bytes([10, 1, 1, 2]),
+            )
             frame = b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp
             sec = int(ts)
-            f.write(struct.pack("<IIII", sec, round((ts - sec) * 1e6), len(frame), len(frame)) + frame)
+            f.write(
+                struct.pack("<IIII", sec, round((ts - sec) * 1e6), len(frame), len(frame)) + frame
+            )
 
 
 @dataclass
@@ -168,7 +229,18 @@ def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[b
     the packets of a partly filled block are lost when tcpdump is interrupted.
     """
     proc = subprocess.Popen(
-        ["tcpdump", "-i", interface, "--immediate-mode", "-U", "-s", "0", "-w", str(capture), "udp or tcp"],
+        [
+            "tcpdump",
+            "-i",
+            interface,
+            "--immediate-mode",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            str(capture),
+            "udp or tcp",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -210,18 +282,46 @@ def run_call(
     if reject is None:
         (tmp / "a").mkdir(exist_ok=True)
         (tmp / "b").mkdir(exist_ok=True)
-        caller = write_rtp_pcap(make_speech(caller_text, tmp / "a"), tmp / "caller.pcap", codec=codec, ssrc=0x0A11CE00, dtmf=dtmf)
-        callee = write_rtp_pcap(make_speech(callee_text, tmp / "b", voice="en-us"), tmp / "callee.pcap", codec=codec, ssrc=0x0B0B0B00, seq0=65000, ts0=0xFFFFF000)
+        caller = write_rtp_pcap(
+            make_speech(caller_text, tmp / "a"),
+            tmp / "caller.pcap",
+            codec=codec,
+            ssrc=0x0A11CE00,
+            dtmf=dtmf,
+        )
+        callee = write_rtp_pcap(
+            make_speech(callee_text, tmp / "b", voice="en-us"),
+            tmp / "callee.pcap",
+            codec=codec,
+            ssrc=0x0B0B0B00,
+            seq0=65000,
+            ts0=0xFFFFF000,
+        )
         talk_ms = int(max(len(caller.reference), len(callee.reference)) / RATE * 1000) + 400
         if bye_by == "caller":
             uac_hangup, uas_hangup = _render("uac_bye.xml"), _render("uas_wait_bye.xml")
         else:
-            uac_hangup, uas_hangup = _render("uac_wait_bye.xml"), _render("uas_bye.xml", talk_ms=str(talk_ms))
-        after_ack = _render("uac_after_ack_talk.xml", audio_pcap=str(caller.pcap), talk_ms=str(talk_ms), hangup=uac_hangup if bye_by == "caller" else "")
+            uac_hangup, uas_hangup = (
+                _render("uac_wait_bye.xml"),
+                _render("uas_bye.xml", talk_ms=str(talk_ms)),
+            )
+        after_ack = _render(
+            "uac_after_ack_talk.xml",
+            audio_pcap=str(caller.pcap),
+            talk_ms=str(talk_ms),
+            hangup=uac_hangup if bye_by == "caller" else "",
+        )
         if bye_by != "caller":
-            after_ack = _render("uac_after_ack_talk.xml", audio_pcap=str(caller.pcap), talk_ms="0", hangup=uac_hangup)
+            after_ack = _render(
+                "uac_after_ack_talk.xml",
+                audio_pcap=str(caller.pcap),
+                talk_ms="0",
+                hangup=uac_hangup,
+            )
         uac = _render("uac.xml", payload_type=pt, codec=codec, final="200", after_ack=after_ack)
-        uas = _render("uas.xml", payload_type=pt, codec=codec, audio_pcap=str(callee.pcap), hangup=uas_hangup)
+        uas = _render(
+            "uas.xml", payload_type=pt, codec=codec, audio_pcap=str(callee.pcap), hangup=uas_hangup
+        )
     else:
         uac = _render("uac.xml", payload_type=pt, codec=codec, final=str(reject), after_ack="")
         uas = _render("uas_reject.xml")
@@ -231,10 +331,31 @@ def run_call(
     uas_media, uac_media = free_port_pair(), free_port_pair()
     capture = tmp / "call.pcap"
     run = CallRun(capture, caller, callee)
-    common = ["-i", LOOPBACK, "-mi", LOOPBACK, "-m", "1", "-nostdin", "-trace_err", "-timeout", f"{int(timeout)}s", "-timeout_error"]
+    common = [
+        "-i",
+        LOOPBACK,
+        "-mi",
+        LOOPBACK,
+        "-m",
+        "1",
+        "-nostdin",
+        "-trace_err",
+        "-timeout",
+        f"{int(timeout)}s",
+        "-timeout_error",
+    ]
     with tcpdump(capture):
         uas_proc = subprocess.Popen(
-            ["sipp", "-sf", str(tmp / "uas.xml"), "-p", str(uas_port), "-mp", str(uas_media), *common],
+            [
+                "sipp",
+                "-sf",
+                str(tmp / "uas.xml"),
+                "-p",
+                str(uas_port),
+                "-mp",
+                str(uas_media),
+                *common,
+            ],
             cwd=tmp,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -242,7 +363,17 @@ def run_call(
         try:
             time.sleep(0.5)
             uac_proc = subprocess.run(
-                ["sipp", "-sf", str(tmp / "uac.xml"), f"{LOOPBACK}:{uas_port}", "-p", str(uac_port), "-mp", str(uac_media), *common],
+                [
+                    "sipp",
+                    "-sf",
+                    str(tmp / "uac.xml"),
+                    f"{LOOPBACK}:{uas_port}",
+                    "-p",
+                    str(uac_port),
+                    "-mp",
+                    str(uac_media),
+                    *common,
+                ],
                 cwd=tmp,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -286,7 +417,21 @@ def best_lag(reference: npt.NDArray[np.int16], channel: npt.NDArray[np.int16]) -
 def first_rtp_times(capture: Path) -> dict[int, float]:
     """tshark's view (an independent dissector): capture time of the first RTP packet per source port."""
     out = subprocess.run(
-        ["tshark", "-r", str(capture), "-o", "rtp.heuristic_rtp:TRUE", "-Y", "rtp", "-T", "fields", "-e", "frame.time_epoch", "-e", "udp.srcport"],
+        [
+            "tshark",
+            "-r",
+            str(capture),
+            "-o",
+            "rtp.heuristic_rtp:TRUE",
+            "-Y",
+            "rtp",
+            "-T",
+            "fields",
+            "-e",
+            "frame.time_epoch",
+            "-e",
+            "udp.srcport",
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -299,4 +444,13 @@ def first_rtp_times(capture: Path) -> dict[int, float]:
     return first
 
 
-__all__ = ["CallRun", "Side", "best_lag", "first_rtp_times", "make_speech", "run_call", "tcpdump", "write_rtp_pcap"]
+__all__ = [
+    "CallRun",
+    "Side",
+    "best_lag",
+    "first_rtp_times",
+    "make_speech",
+    "run_call",
+    "tcpdump",
+    "write_rtp_pcap",
+]

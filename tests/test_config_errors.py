@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from callcap.config.loader import load_config, load_config_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from callcap.config.loader import load_config, load_config_text
 from callcap.errors import CallcapError, ConfigError
 
 MARK = "# <-"

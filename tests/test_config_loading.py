@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from callcap.config.loader import convert, default_config_path, load_config, load_config_text
 from callcap.config.schema import (
     CaptureConfig,
@@ -16,7 +17,6 @@ from callcap.config.schema import (
     Duration,
     LoggingConfig,
 )
-
 from callcap.errors import ConfigError
 
 FULL = """\

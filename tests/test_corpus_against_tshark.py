@@ -50,11 +50,24 @@ CORPUS_FILES = [
 # Transports callcap does not follow (yet): calls tshark sees only through these are not expected.
 UNFOLLOWED_TRANSPORTS = {"WS", "WSS", "SCTP", "TLS"}
 
-def _record(capture: Path, out: Path, tmp: Path, extra: str = "") -> subprocess.CompletedProcess[str]:
+
+def _record(
+    capture: Path, out: Path, tmp: Path, extra: str = ""
+) -> subprocess.CompletedProcess[str]:
     cfg = tmp / "callcap.yaml"
     cfg.write_text("recording:\n  record_failed_calls: true\n" + extra, encoding="utf-8")
     return subprocess.run(
-        [sys.executable, "-m", "callcap", "record", str(capture), "--out", str(out), "--config", str(cfg)],
+        [
+            sys.executable,
+            "-m",
+            "callcap",
+            "record",
+            str(capture),
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -78,7 +91,9 @@ def _followed(call: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def recorded(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list[dict[str, Any]], str]]:
+def recorded(
+    corpus: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, list[dict[str, Any]], str]]:
     results = {}
     for name in CORPUS_FILES:
         tmp = tmp_path_factory.mktemp(name.replace(".", "_"))
@@ -117,14 +132,16 @@ def test_calls_found_agree_with_tshark(
     _out, docs, _log = recorded[name]
     facts = corpus_facts[name]
     by_call_id = Counter(doc["call_id"] for doc in docs)
-    ours = {doc["call_id"]: doc for doc in docs}
+    {doc["call_id"]: doc for doc in docs}
     for call in facts.get("calls", []):
         if not _followed(call):
             continue
         call_id = call["call_id"]
         answered = call["setup_result"].startswith("answered")
         if answered:
-            assert by_call_id[call_id] == 1, f"{name}: call {call_id} recorded {by_call_id[call_id]} times"
+            assert by_call_id[call_id] == 1, (
+                f"{name}: call {call_id} recorded {by_call_id[call_id]} times"
+            )
         else:
             # tshark groups by Call-ID alone; a failed attempt that the user re-dials with the
             # same Call-ID more than calls.failed_linger_s later is a new attempt for callcap
@@ -156,7 +173,11 @@ def test_calls_found_agree_with_tshark(
         if call.get("bye") and answered:
             assert doc["end_reason"] in {"bye_caller", "bye_callee"}
             assert doc["end"] == call["end"][:23] + "Z"
-    followed = {c["call_id"] for c in facts.get("calls", []) if _followed(c) or "UDP" in c.get("transport", [])}
+    followed = {
+        c["call_id"]
+        for c in facts.get("calls", [])
+        if _followed(c) or "UDP" in c.get("transport", [])
+    }
     extra = set(by_call_id) - followed
     assert not extra, f"{name}: callcap invented calls {extra}"
 
@@ -190,17 +211,23 @@ def test_rtp_streams_agree_with_tshark_rtp_analysis(
         assert s["packets"] == fs["packets"], key
         # tshark's "Lost" is expected minus every packet received, duplicates included.
         assert s["lost"] - s["duplicates"] == fs["lost"], key
-        assert {int(k): v for k, v in s["payload_types"].items()} == {int(k): v for k, v in fs["payload_types"].items()}
+        assert {int(k): v for k, v in s["payload_types"].items()} == {
+            int(k): v for k, v in fs["payload_types"].items()
+        }
 
 
-def test_rfc4733_digits_match_tshark(recorded: dict[str, tuple[Path, list[dict[str, Any]], str]], corpus_facts: dict[str, Any]) -> None:
+def test_rfc4733_digits_match_tshark(
+    recorded: dict[str, tuple[Path, list[dict[str, Any]], str]], corpus_facts: dict[str, Any]
+) -> None:
     _out, docs, _log = recorded["SIP_DTMF2.pcap"]
     expected = [e["event"] for e in corpus_facts["SIP_DTMF2.pcap"]["dtmf_rfc4733_events"]]
     digits = [d["digit"] for doc in docs for d in doc["dtmf"] if d["source"] == "rfc4733"]
     assert digits == expected
 
 
-def test_sip_info_digits_are_in_the_sidecar(recorded: dict[str, tuple[Path, list[dict[str, Any]], str]], corpus_facts: dict[str, Any]) -> None:
+def test_sip_info_digits_are_in_the_sidecar(
+    recorded: dict[str, tuple[Path, list[dict[str, Any]], str]], corpus_facts: dict[str, Any]
+) -> None:
     _out, docs, _log = recorded["DTMFsipinfo.pcap"]
     call = corpus_facts["DTMFsipinfo.pcap"]["calls"][0]
     assert call["info_count"] > 0
@@ -209,27 +236,38 @@ def test_sip_info_digits_are_in_the_sidecar(recorded: dict[str, tuple[Path, list
     assert all(d["side"] == "caller" for d in digits)
 
 
-def test_srtp_is_reported_not_decoded(recorded: dict[str, tuple[Path, list[dict[str, Any]], str]]) -> None:
+def test_srtp_is_reported_not_decoded(
+    recorded: dict[str, tuple[Path, list[dict[str, Any]], str]],
+) -> None:
     out, docs, _log = recorded["SIP-SRTP-Normal_Call_two_parties.pcap"]
     assert docs
     for doc in docs:
         assert any(w["code"] == "encrypted_media" for w in doc["warnings"])
         assert all(s["encrypted"] and not s["decoded"] for s in doc["streams"])
-        wav, _sr = soundfile.read(str(out / Path(doc["start"][:10].replace("-", "/")) / doc["audio"]["file"]), dtype="int16")
+        wav, _sr = soundfile.read(
+            str(out / Path(doc["start"][:10].replace("-", "/")) / doc["audio"]["file"]),
+            dtype="int16",
+        )
         assert not wav.any(), "encrypted payload must not be decoded into noise"
 
 
-def test_g722_is_reported_unsupported_with_silence(recorded: dict[str, tuple[Path, list[dict[str, Any]], str]]) -> None:
+def test_g722_is_reported_unsupported_with_silence(
+    recorded: dict[str, tuple[Path, list[dict[str, Any]], str]],
+) -> None:
     out, docs, _log = recorded["sip-rtp-g722.pcap"]
     (doc,) = docs
     assert any(w["code"] == "unsupported_codec" and "G722" in w["detail"] for w in doc["warnings"])
     (stream,) = doc["streams"]
     assert stream["codec"] == "G722" and not stream["decoded"]
-    wav, _sr = soundfile.read(str(out / Path(doc["start"][:10].replace("-", "/")) / doc["audio"]["file"]), dtype="int16")
+    wav, _sr = soundfile.read(
+        str(out / Path(doc["start"][:10].replace("-", "/")) / doc["audio"]["file"]), dtype="int16"
+    )
     assert not wav.any()
 
 
-def test_pyshark_rtp_packet_counts_agree(corpus: Path, recorded: dict[str, tuple[Path, list[dict[str, Any]], str]]) -> None:
+def test_pyshark_rtp_packet_counts_agree(
+    corpus: Path, recorded: dict[str, tuple[Path, list[dict[str, Any]], str]]
+) -> None:
     """Live oracle: pyshark (tshark's dissectors) counts each SDP-tied stream's packets."""
     import pyshark
 

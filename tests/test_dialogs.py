@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import scapy.layers.l2  # noqa: F401  (registers Ethernet for the capture readers)
+import scapy.layers.l2
 import scapy.layers.ppp  # noqa: F401  (DTMFsipinfo.pcap runs over PPPoE)
 from scapy.layers.inet import UDP
 from scapy.layers.inet6 import IPv6
@@ -101,7 +101,13 @@ def basic_call(bye_from_callee: bool = False) -> list[tuple[float, SipMessage]]:
 def test_basic_call_events_and_times() -> None:
     t = CallTracker()
     events = run(t, basic_call())
-    assert kinds(events) == ["CallStarted", "MediaOffered(caller)", "CallAnswered", "MediaOffered(callee)", "CallEnded(bye_caller)"]
+    assert kinds(events) == [
+        "CallStarted",
+        "MediaOffered(caller)",
+        "CallAnswered",
+        "MediaOffered(callee)",
+        "CallEnded(bye_caller)",
+    ]
     call = events[0].call
     assert (call.start, call.answer, call.end, call.final_status) == (0.0, 2.0, 9.0, 200)
     assert call.to.tag == "tt" and call.from_.tag == "ft"
@@ -126,15 +132,26 @@ def test_retransmissions_are_counted_once() -> None:
 def test_forking_two_early_dialogs_and_the_winner() -> None:
     steps = [
         (0.0, msg(INVITE, "1 INVITE", body=sdp("10.0.0.1", 4000))),
-        (0.5, msg("SIP/2.0 183 Session Progress", "1 INVITE", to_tag="a", body=sdp("10.0.0.5", 6000))),
-        (0.6, msg("SIP/2.0 183 Session Progress", "1 INVITE", to_tag="b", body=sdp("10.0.0.6", 7000))),
+        (
+            0.5,
+            msg("SIP/2.0 183 Session Progress", "1 INVITE", to_tag="a", body=sdp("10.0.0.5", 6000)),
+        ),
+        (
+            0.6,
+            msg("SIP/2.0 183 Session Progress", "1 INVITE", to_tag="b", body=sdp("10.0.0.6", 7000)),
+        ),
         (3.0, msg("SIP/2.0 200 OK", "1 INVITE", to_tag="b", body=sdp("10.0.0.6", 7000))),
         (3.1, msg("SIP/2.0 200 OK", "1 INVITE", to_tag="a", body=sdp("10.0.0.5", 6000))),
     ]
     t = CallTracker()
     events = run(t, steps)
     offers = [e for e in events if isinstance(e, MediaOffered)]
-    assert [(o.side, o.early, o.to_tag) for o in offers] == [("caller", False, None), ("callee", True, "a"), ("callee", True, "b"), ("callee", False, "b")]
+    assert [(o.side, o.early, o.to_tag) for o in offers] == [
+        ("caller", False, None),
+        ("callee", True, "a"),
+        ("callee", True, "b"),
+        ("callee", False, "b"),
+    ]
     assert events[0].call.to.tag == "b"
     assert t.counters["late_fork_answers"] == 1
     assert sum(isinstance(e, CallAnswered) for e in events) == 1
@@ -144,10 +161,18 @@ def test_late_offer_answer_comes_in_the_ack() -> None:
     steps = [
         (0.0, msg(INVITE, "1 INVITE")),
         (1.0, msg("SIP/2.0 200 OK", "1 INVITE", to_tag="tt", body=sdp("10.0.0.3", 5000))),
-        (1.1, msg("ACK sip:bob@10.0.0.3 SIP/2.0", "1 ACK", to_tag="tt", body=sdp("10.0.0.1", 4000))),
+        (
+            1.1,
+            msg("ACK sip:bob@10.0.0.3 SIP/2.0", "1 ACK", to_tag="tt", body=sdp("10.0.0.1", 4000)),
+        ),
     ]
     events = run(CallTracker(), steps)
-    assert kinds(events) == ["CallStarted", "CallAnswered", "MediaOffered(callee)", "MediaOffered(caller)"]
+    assert kinds(events) == [
+        "CallStarted",
+        "CallAnswered",
+        "MediaOffered(callee)",
+        "MediaOffered(caller)",
+    ]
 
 
 def test_cancel_then_487_ends_as_cancel() -> None:
@@ -181,7 +206,15 @@ def test_auth_challenge_then_new_invite_is_the_same_call() -> None:
         (0.0, msg(INVITE, "1 INVITE", body=sdp("10.0.0.1", 4000))),
         (0.1, msg("SIP/2.0 407 Proxy Authentication Required", "1 INVITE", to_tag="x")),
         (0.2, msg("ACK sip:bob@example.com SIP/2.0", "1 ACK", to_tag="x")),
-        (0.3, msg(INVITE, "2 INVITE", body=sdp("10.0.0.1", 4000), extra="Proxy-Authorization: Digest x\r\n")),
+        (
+            0.3,
+            msg(
+                INVITE,
+                "2 INVITE",
+                body=sdp("10.0.0.1", 4000),
+                extra="Proxy-Authorization: Digest x\r\n",
+            ),
+        ),
         (2.0, msg("SIP/2.0 200 OK", "2 INVITE", to_tag="tt", body=sdp("10.0.0.3", 5000))),
     ]
     t = CallTracker()
@@ -195,29 +228,69 @@ def test_auth_challenge_then_new_invite_is_the_same_call() -> None:
 
 def test_rejection_ends_after_the_linger_with_the_final_code() -> None:
     t = CallTracker(failed_linger_s=32.0)
-    run(t, [(0.0, msg(INVITE, "1 INVITE", body=sdp("10.0.0.1", 4000))), (1.0, msg("SIP/2.0 486 Busy Here", "1 INVITE", to_tag="x"))])
+    run(
+        t,
+        [
+            (0.0, msg(INVITE, "1 INVITE", body=sdp("10.0.0.1", 4000))),
+            (1.0, msg("SIP/2.0 486 Busy Here", "1 INVITE", to_tag="x")),
+        ],
+    )
     assert t.expire(10.0) == []
     (ended,) = t.expire(33.0)
     assert isinstance(ended, CallEnded)
-    assert (ended.call.end_reason, ended.call.end, ended.call.final_status) == ("rejected_486", 1.0, 486)
+    assert (ended.call.end_reason, ended.call.end, ended.call.final_status) == (
+        "rejected_486",
+        1.0,
+        486,
+    )
 
 
 def test_unanswered_challenge_at_capture_end_is_rejected_not_capture_end() -> None:
     t = CallTracker()
-    run(t, [(0.0, msg(INVITE, "1 INVITE")), (0.1, msg("SIP/2.0 401 Unauthorized", "1 INVITE", to_tag="x"))])
+    run(
+        t,
+        [
+            (0.0, msg(INVITE, "1 INVITE")),
+            (0.1, msg("SIP/2.0 401 Unauthorized", "1 INVITE", to_tag="x")),
+        ],
+    )
     (ended,) = t.close_all("capture_end", 5.0)
     assert ended.call.end_reason == "rejected_401"
 
 
 def test_reinvite_hold_and_update_from_callee_are_attributed_by_from_tag() -> None:
-    steps = basic_call()[:5] + [
-        (5.0, msg("INVITE sip:bob@10.0.0.3 SIP/2.0", "2 INVITE", to_tag="tt", body=sdp("10.0.0.1", 4000, "sendonly"))),
-        (5.1, msg("SIP/2.0 200 OK", "2 INVITE", to_tag="tt", body=sdp("10.0.0.3", 5000, "recvonly"))),
-        (6.0, msg("UPDATE sip:alice@10.0.0.1 SIP/2.0", "7 UPDATE", from_tag="tt", body=sdp("10.0.0.9", 5002))),
+    steps = [
+        *basic_call()[:5],
+        (
+            5.0,
+            msg(
+                "INVITE sip:bob@10.0.0.3 SIP/2.0",
+                "2 INVITE",
+                to_tag="tt",
+                body=sdp("10.0.0.1", 4000, "sendonly"),
+            ),
+        ),
+        (
+            5.1,
+            msg("SIP/2.0 200 OK", "2 INVITE", to_tag="tt", body=sdp("10.0.0.3", 5000, "recvonly")),
+        ),
+        (
+            6.0,
+            msg(
+                "UPDATE sip:alice@10.0.0.1 SIP/2.0",
+                "7 UPDATE",
+                from_tag="tt",
+                body=sdp("10.0.0.9", 5002),
+            ),
+        ),
         (6.1, msg("SIP/2.0 200 OK", "7 UPDATE", from_tag="tt", body=sdp("10.0.0.1", 4000))),
     ]
     events = run(CallTracker(), steps)
-    offers = [(e.side, e.sdp.audio()[0].address, e.sdp.audio()[0].direction) for e in events if isinstance(e, MediaOffered)]
+    offers = [
+        (e.side, e.sdp.audio()[0].address, e.sdp.audio()[0].direction)
+        for e in events
+        if isinstance(e, MediaOffered)
+    ]
     assert offers[2:] == [
         ("caller", "10.0.0.1", "sendonly"),
         ("callee", "10.0.0.3", "recvonly"),
@@ -227,8 +300,18 @@ def test_reinvite_hold_and_update_from_callee_are_attributed_by_from_tag() -> No
 
 
 def test_sip_info_dtmf_is_reported_with_its_side() -> None:
-    steps = basic_call()[:5] + [
-        (3.0, msg("INFO sip:bob@10.0.0.3 SIP/2.0", "2 INFO", to_tag="tt", body="Signal=9\r\nDuration=100\r\n", ctype="application/dtmf-relay")),
+    steps = [
+        *basic_call()[:5],
+        (
+            3.0,
+            msg(
+                "INFO sip:bob@10.0.0.3 SIP/2.0",
+                "2 INFO",
+                to_tag="tt",
+                body="Signal=9\r\nDuration=100\r\n",
+                ctype="application/dtmf-relay",
+            ),
+        ),
     ]
     events = run(CallTracker(), steps)
     (dtmf,) = [e for e in events if isinstance(e, DtmfSignalled)]
@@ -273,13 +356,27 @@ def _udp_sip(path: Path) -> Iterator[tuple[float, SipMessage, tuple[str, int], t
             udp = pkt[UDP]
             data = bytes(udp.payload)
             try:
-                yield float(pkt.time), SipMessage.parse(data), (ip.src, udp.sport), (ip.dst, udp.dport)
+                yield (
+                    float(pkt.time),
+                    SipMessage.parse(data),
+                    (ip.src, udp.sport),
+                    (ip.dst, udp.dport),
+                )
             except ParseError:
                 continue
 
 
 def test_corpus_calls_match_tshark(corpus: Path, corpus_facts: dict[str, Any]) -> None:
-    for name in ["aaa.pcap", "SIP_DTMF2.pcap", "sip-rtp-g711.pcap", "sip-proxy.pcap", "SIP-RTP-Normal_Call_two_parties.pcap", "sip-routing-error.pcapng", "sip_ipv6_udp.pcap", "DTMFsipinfo.pcap"]:
+    for name in [
+        "aaa.pcap",
+        "SIP_DTMF2.pcap",
+        "sip-rtp-g711.pcap",
+        "sip-proxy.pcap",
+        "SIP-RTP-Normal_Call_two_parties.pcap",
+        "sip-routing-error.pcapng",
+        "sip_ipv6_udp.pcap",
+        "DTMFsipinfo.pcap",
+    ]:
         t = CallTracker()
         events: list[Event] = []
         last = 0.0
@@ -295,7 +392,9 @@ def test_corpus_calls_match_tshark(corpus: Path, corpus_facts: dict[str, Any]) -
             call = ended[fact["call_id"]]
             result = fact["setup_result"]
             if result.startswith("answered"):
-                assert call.answer is not None and abs(call.answer - _epoch(fact["answered"])) < 1e-5, name
+                assert (
+                    call.answer is not None and abs(call.answer - _epoch(fact["answered"])) < 1e-5
+                ), name
             elif result.startswith("failed"):
                 assert call.end_reason == f"rejected_{result.split()[1]}", (name, call.end_reason)
             if fact["bye"]:

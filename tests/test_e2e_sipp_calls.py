@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import soundfile
+from sipp_harness import CallRun, best_lag, first_rtp_times, run_call
 
 from callcap.storage.sidecar import validate_sidecar
-from sipp_harness import CallRun, best_lag, first_rtp_times, run_call
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +46,9 @@ def published(out: Path) -> list[tuple[Path, dict[str, Any]]]:
 
 
 def no_leftovers(out: Path) -> None:
-    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.suffix == ".part" or ".tmp" in p.name)]
+    leftovers = [
+        p for p in out.rglob("*") if p.is_file() and (p.suffix == ".part" or ".tmp" in p.name)
+    ]
     assert not leftovers
 
 
@@ -74,7 +76,9 @@ def check_answered_call(run: CallRun, out: Path, *, end_reason: str) -> dict[str
     assert all(s["lost"] == 0 and s["late"] == 0 for s in doc["streams"])
     info = soundfile.info(str(wav_path))
     assert (info.samplerate, info.channels, info.subtype) == (RATE, 2, "PCM_16")
-    assert wav_path.read_bytes()[:4] == b"RIFF" and doc["audio"]["format"] == "WAV"  # RIFF/WAVE below 4 GiB
+    assert (
+        wav_path.read_bytes()[:4] == b"RIFF" and doc["audio"]["format"] == "WAV"
+    )  # RIFF/WAVE below 4 GiB
     assert info.frames == doc["audio"]["frames"]
     wav, _ = soundfile.read(str(wav_path), dtype="int16")
 
@@ -86,7 +90,9 @@ def check_answered_call(run: CallRun, out: Path, *, end_reason: str) -> dict[str
         corr, lag = best_lag(ref, wav[:, channel])
         assert corr >= 0.99, f"{side}: correlation {corr:.4f}"
         expected = (first[ports[side]] - origin) * RATE
-        assert abs(lag - expected) <= 0.020 * RATE, f"{side}: audio at {lag / RATE:.3f}s, sent at {expected / RATE:.3f}s"
+        assert abs(lag - expected) <= 0.020 * RATE, (
+            f"{side}: audio at {lag / RATE:.3f}s, sent at {expected / RATE:.3f}s"
+        )
     return doc
 
 

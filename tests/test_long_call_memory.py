@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import soundfile
-
 from callgen import write_long_call
 
 pytestmark = pytest.mark.slow
@@ -42,7 +41,9 @@ def test_ten_and_a_half_hour_call_uses_no_more_memory_than_ten_minutes(tmp_path:
     short.unlink()
     rss_long, docs_long = _record_peak_rss(long, tmp_path / "out-long")
     long.unlink()
-    assert rss_long <= rss_short + 10 * 1024 * 1024, f"10.5 h: {rss_long / 1e6:.1f} MB, 10 min: {rss_short / 1e6:.1f} MB"
+    assert rss_long <= rss_short + 10 * 1024 * 1024, (
+        f"10.5 h: {rss_long / 1e6:.1f} MB, 10 min: {rss_short / 1e6:.1f} MB"
+    )
     ((doc,),) = (docs_long,)
     assert docs_short[0]["audio"]["frames"] == pytest.approx(600.5 * 8000, abs=8000)
     assert doc["audio"]["frames"] == pytest.approx((10.5 * 3600 + 0.5) * 8000, abs=8000)

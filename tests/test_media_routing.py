@@ -72,7 +72,9 @@ def test_ipv6_and_mapped_addresses() -> None:
     r = MediaRouter()
     r.announce("c1", "caller", "2001:db8::1", 4000)
     r.announce("c1", "callee", "::ffff:10.0.0.2", 5000)
-    assert r.match(ip("2001:db8::2"), 9, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 4000) == ("c1", "callee")
+    assert r.match(
+        ip("2001:db8::2"), 9, socket.inet_pton(socket.AF_INET6, "2001:db8::1"), 4000
+    ) == ("c1", "callee")
     assert r.match(ip("10.0.0.1"), 9, ip("10.0.0.2"), 5000) == ("c1", "caller")
     assert format_endpoint(ip("2001:db8::1"), 4000) == "[2001:db8::1]:4000"
     assert format_endpoint(ip("10.0.0.2"), 5000) == "10.0.0.2:5000"

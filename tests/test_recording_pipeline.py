@@ -19,14 +19,24 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile
+from callgen import CALLEE_IP, CALLER_IP, PTIME, RATE, T0, Call, sdp, tone, udp_frame, write_pcap
 
 from callcap.codecs.g711 import decode_alaw, decode_ulaw
 from callcap.storage.sidecar import validate_sidecar
-from callgen import CALLEE_IP, CALLER_IP, PTIME, RATE, T0, Call, sdp, tone, udp_frame, write_pcap
 
 
-def record(tmp: Path, *captures: Path, config: str = "", expect: int = 0) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "callcap", "record", *map(str, captures), "--out", str(tmp / "out")]
+def record(
+    tmp: Path, *captures: Path, config: str = "", expect: int = 0
+) -> subprocess.CompletedProcess[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "callcap",
+        "record",
+        *map(str, captures),
+        "--out",
+        str(tmp / "out"),
+    ]
     if config:
         cfg = tmp / "callcap.yaml"
         cfg.write_text(config, encoding="utf-8")
@@ -71,7 +81,7 @@ def basic(tmp: Path, **kw: Any) -> tuple[Call, npt.NDArray[np.int16], npt.NDArra
 
 
 def test_both_sides_land_on_one_timeline_sample_exact(tmp_path: Path) -> None:
-    call, ref_a, ref_b, answer = basic(tmp_path)
+    call, ref_a, ref_b, _answer = basic(tmp_path)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
     assert audio.shape[1] == 2
@@ -85,16 +95,33 @@ def test_both_sides_land_on_one_timeline_sample_exact(tmp_path: Path) -> None:
     # the file runs to the BYE: 4.0 - 0.02 s
     assert len(audio) == round(3.98 * RATE)
     assert doc["end_reason"] == "bye_caller"
-    assert doc["answer"] == "2023-11-14T22:13:21.000Z" and doc["start"] == "2023-11-14T22:13:20.000Z"
+    assert (
+        doc["answer"] == "2023-11-14T22:13:21.000Z" and doc["start"] == "2023-11-14T22:13:20.000Z"
+    )
     assert doc["duration_s"] == 5.0 and doc["talk_s"] == 4.0
     for side, n in (("caller", 150), ("callee", 100)):
         s = stream_of(doc, side)
-        assert (s["packets"], s["lost"], s["duplicates"], s["reordered"], s["late"]) == (n, 0, 0, 0, 0)
+        assert (s["packets"], s["lost"], s["duplicates"], s["reordered"], s["late"]) == (
+            n,
+            0,
+            0,
+            0,
+            0,
+        )
         assert s["codec"] == "PCMU" and s["decoded"] and not s["encrypted"]
     assert stream_of(doc, "caller")["src"] == f"{CALLER_IP}:40000"
     assert doc["gaps"] == [] and doc["dtmf"] == []
-    assert doc["consent"] == {"mode": "one_party", "rule": None, "status": "not_required", "evidence": None, "action": "kept"}
-    assert doc["retention"]["keep"] == "90d" and doc["retention"]["delete_after"] == "2024-02-12T22:13:25.000Z"
+    assert doc["consent"] == {
+        "mode": "one_party",
+        "rule": None,
+        "status": "not_required",
+        "evidence": None,
+        "action": "kept",
+    }
+    assert (
+        doc["retention"]["keep"] == "90d"
+        and doc["retention"]["delete_after"] == "2024-02-12T22:13:25.000Z"
+    )
 
 
 def test_lost_packets_become_silence_of_their_length_and_a_gap(tmp_path: Path) -> None:
@@ -112,7 +139,11 @@ def test_lost_packets_become_silence_of_their_length_and_a_gap(tmp_path: Path) -
 
 def test_reordered_and_duplicated_packets_change_nothing_in_the_audio(tmp_path: Path) -> None:
     call, ref_a, _ref_b, _answer = basic(tmp_path)
-    caller_rtp = [i for i, (_ts, f) in enumerate(call.records) if f[34:36] == struct.pack("!H", 40000) and len(f) > 100]
+    caller_rtp = [
+        i
+        for i, (_ts, f) in enumerate(call.records)
+        if f[34:36] == struct.pack("!H", 40000) and len(f) > 100
+    ]
     i, j = caller_rtp[20], caller_rtp[21]
     (ti, fi), (tj, fj) = call.records[i], call.records[j]
     call.records[i], call.records[j] = (tj + 0.005, fi), (ti, fj)  # 21 overtakes 20
@@ -124,9 +155,15 @@ def test_reordered_and_duplicated_packets_change_nothing_in_the_audio(tmp_path: 
     assert (s["reordered"], s["duplicates"], s["lost"], s["packets"]) == (1, 1, 0, 151)
 
 
-def test_packet_later_than_the_jitter_window_is_counted_late_and_shown_as_gap(tmp_path: Path) -> None:
+def test_packet_later_than_the_jitter_window_is_counted_late_and_shown_as_gap(
+    tmp_path: Path,
+) -> None:
     call, ref_a, _ref_b, _answer = basic(tmp_path)
-    caller_rtp = [i for i, (_ts, f) in enumerate(call.records) if f[34:36] == struct.pack("!H", 40000) and len(f) > 100]
+    caller_rtp = [
+        i
+        for i, (_ts, f) in enumerate(call.records)
+        if f[34:36] == struct.pack("!H", 40000) and len(f) > 100
+    ]
     k = caller_rtp[50]
     ts, frame = call.records[k]
     call.records[k] = (ts + 2.0, frame)  # two seconds late
@@ -142,7 +179,9 @@ def test_ssrc_change_mid_call_continues_on_the_same_channel(tmp_path: Path) -> N
     call = Call()
     answer = call.setup(T0)
     first = call.stream(answer + 0.1, tone(500, 1.0), from_caller=True)
-    second = call.stream(answer + 1.1, tone(700, 1.0), from_caller=True, ssrc=0x0BADF00D, seq0=30000, ts0=77_777_777)
+    second = call.stream(
+        answer + 1.1, tone(700, 1.0), from_caller=True, ssrc=0x0BADF00D, seq0=30000, ts0=77_777_777
+    )
     call.bye(answer + 2.5)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
@@ -161,13 +200,23 @@ def test_comfort_noise_is_silence_and_events_are_dtmf_not_audio(tmp_path: Path) 
         end = k == 4
         body = struct.pack("!BBH", 7, (0x80 if end else 0) | 10, (k + 1) * 160)
         for _rep in range(3 if end else 1):
-            call.rtp(t + 0.4 + k * 0.02, from_caller=True, seq=52 + k, rtp_ts=11200, payload=body, pt=101, marker=k == 0)
+            call.rtp(
+                t + 0.4 + k * 0.02,
+                from_caller=True,
+                seq=52 + k,
+                rtp_ts=11200,
+                payload=body,
+                pt=101,
+                marker=k == 0,
+            )
     call.bye(answer + 2.5)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
     assert np.array_equal(audio[:8000, 0], decode_ulaw(wire))
     assert not audio[8000:, 0].any()
-    assert doc["dtmf"] == [{"digit": "7", "side": "caller", "source": "rfc4733", "at_s": 1.4, "duration_ms": 100}]
+    assert doc["dtmf"] == [
+        {"digit": "7", "side": "caller", "source": "rfc4733", "at_s": 1.4, "duration_ms": 100}
+    ]
     s = stream_of(doc, "caller")
     assert s["payload_types"] == {"0": 50, "13": 1, "101": 7}
     assert s["duplicates"] == 2
@@ -175,9 +224,18 @@ def test_comfort_noise_is_silence_and_events_are_dtmf_not_audio(tmp_path: Path) 
 
 def test_unsupported_codec_is_reported_and_its_channel_is_silent(tmp_path: Path) -> None:
     call = Call()
-    answer = call.setup(T0, caller_sdp=sdp(CALLER_IP, 40000, "18 0"), callee_sdp=sdp(CALLEE_IP, 50000, "18"))
+    answer = call.setup(
+        T0, caller_sdp=sdp(CALLER_IP, 40000, "18 0"), callee_sdp=sdp(CALLEE_IP, 50000, "18")
+    )
     for i in range(50):
-        call.rtp(answer + 0.1 + i * 0.02, from_caller=True, seq=i, rtp_ts=i * 160, payload=bytes(range(20)), pt=18)
+        call.rtp(
+            answer + 0.1 + i * 0.02,
+            from_caller=True,
+            seq=i,
+            rtp_ts=i * 160,
+            payload=bytes(range(20)),
+            pt=18,
+        )
     call.bye(answer + 2)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
@@ -208,10 +266,14 @@ def test_reinvite_moving_media_to_a_new_port_keeps_recording(tmp_path: Path) -> 
     call.request(answer + 1.2, "INVITE", body=sdp(CALLER_IP, 40000))
     call.response(answer + 1.25, "200 OK", f"{call.cseq} INVITE", body=sdp(CALLEE_IP, 50002, "8"))
     call.request(answer + 1.26, "ACK")
-    two = call.stream(answer + 1.3, tone(900, 1.0), from_caller=False, codec="PCMA", seq0=60, ts0=9600)
+    two = call.stream(
+        answer + 1.3, tone(900, 1.0), from_caller=False, codec="PCMA", seq0=60, ts0=9600
+    )
     # after the move the callee also sends from the new port
     moved = [r for r in call.records if r[0] >= answer + 1.3 and len(r[1]) > 100]
-    call.records = [r for r in call.records if r not in moved] + [(ts, f[:34] + struct.pack("!H", 50002) + f[36:]) for ts, f in moved]
+    call.records = [r for r in call.records if r not in moved] + [
+        (ts, f[:34] + struct.pack("!H", 50002) + f[36:]) for ts, f in moved
+    ]
     call.bye(answer + 3.0)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
@@ -225,8 +287,22 @@ def test_nat_source_port_differs_from_sdp(tmp_path: Path) -> None:
     answer = call.setup(T0)
     for i in range(50):
         payload = bytes([0x80 + (i % 16)]) * 160
-        call.rtp(answer + 0.1 + i * 0.02, from_caller=True, seq=i, rtp_ts=i * 160, payload=payload, src_port=61000)
-        call.rtp(answer + 0.1 + i * 0.02, from_caller=False, seq=i, rtp_ts=i * 160, payload=payload, dst_port=61000)
+        call.rtp(
+            answer + 0.1 + i * 0.02,
+            from_caller=True,
+            seq=i,
+            rtp_ts=i * 160,
+            payload=payload,
+            src_port=61000,
+        )
+        call.rtp(
+            answer + 0.1 + i * 0.02,
+            from_caller=False,
+            seq=i,
+            rtp_ts=i * 160,
+            payload=payload,
+            dst_port=61000,
+        )
     call.bye(answer + 2)
     record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     doc, audio = one_call(tmp_path)
@@ -278,7 +354,9 @@ def test_hostile_call_id_never_reaches_a_path(tmp_path: Path) -> None:
     assert "\x00" not in doc["call_id"] and len(doc["call_id"]) < 700
 
 
-def test_unreadable_capture_is_one_line_error_exit_2_and_others_still_recorded(tmp_path: Path) -> None:
+def test_unreadable_capture_is_one_line_error_exit_2_and_others_still_recorded(
+    tmp_path: Path,
+) -> None:
     call, _a, _b, _ans = basic(tmp_path)
     good = write_pcap(tmp_path / "good.pcap", call.records)
     bad = tmp_path / "bad.pcap"
@@ -336,7 +414,9 @@ def test_concurrent_calls_do_not_mix(tmp_path: Path, n_calls: int) -> None:
     for k in range(n_calls):
         call = Call(call_id=f"multi-{k}@test", caller_port=41000 + 2 * k, callee_port=51000 + 2 * k)
         answer = call.setup(T0 + k * 0.3)
-        refs[call.call_id] = decode_ulaw(call.stream(answer + 0.1, tone(300 + 100 * k, 1.0), from_caller=True, ssrc=1000 + k))
+        refs[call.call_id] = decode_ulaw(
+            call.stream(answer + 0.1, tone(300 + 100 * k, 1.0), from_caller=True, ssrc=1000 + k)
+        )
         call.bye(answer + 1.5)
         records += call.records
     record(tmp_path, write_pcap(tmp_path / "c.pcap", records))

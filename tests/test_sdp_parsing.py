@@ -29,7 +29,12 @@ def test_audio_line_with_session_connection_and_dynamic_payloads() -> None:
         )
     )
     (audio,) = d.audio()
-    assert (audio.address, audio.port, audio.proto, audio.formats) == ("192.0.2.10", 49170, "RTP/AVP", (8, 0, 96, 13))
+    assert (audio.address, audio.port, audio.proto, audio.formats) == (
+        "192.0.2.10",
+        49170,
+        "RTP/AVP",
+        (8, 0, 96, 13),
+    )
     assert audio.codec(96) == RtpMap("telephone-event", 8000)
     assert audio.codec(8) == STATIC_PAYLOAD_TYPES[8]
     assert audio.codec(13) == RtpMap("CN", 8000)
@@ -39,7 +44,13 @@ def test_audio_line_with_session_connection_and_dynamic_payloads() -> None:
 
 def test_media_level_connection_overrides_session_and_ipv6_is_normalised() -> None:
     d = SessionDescription.parse(
-        sdp("v=0", "c=IN IP4 192.0.2.1", "m=audio 4000 RTP/AVP 0", "c=IN IP6 2001:DB8:0:0::1", "m=video 5000 RTP/AVP 31")
+        sdp(
+            "v=0",
+            "c=IN IP4 192.0.2.1",
+            "m=audio 4000 RTP/AVP 0",
+            "c=IN IP6 2001:DB8:0:0::1",
+            "m=video 5000 RTP/AVP 31",
+        )
     )
     assert d.audio()[0].address == "2001:db8::1"
     assert d.media[1].address == "192.0.2.1"
@@ -61,7 +72,16 @@ def test_hold_forms(lines: tuple[str, ...], hold: bool) -> None:
 
 
 def test_session_level_direction_is_inherited_and_media_level_wins() -> None:
-    d = SessionDescription.parse(sdp("v=0", "a=sendonly", "c=IN IP4 192.0.2.1", "m=audio 4000 RTP/AVP 0", "m=audio 4002 RTP/AVP 0", "a=sendrecv"))
+    d = SessionDescription.parse(
+        sdp(
+            "v=0",
+            "a=sendonly",
+            "c=IN IP4 192.0.2.1",
+            "m=audio 4000 RTP/AVP 0",
+            "m=audio 4002 RTP/AVP 0",
+            "a=sendrecv",
+        )
+    )
     assert [m.direction for m in d.audio()] == ["sendonly", "sendrecv"]
 
 
@@ -70,7 +90,11 @@ def test_session_level_direction_is_inherited_and_media_level_wins() -> None:
     [
         ("RTP/SAVP", None, True),
         ("UDP/TLS/RTP/SAVPF", None, True),
-        ("RTP/AVP", "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR", True),
+        (
+            "RTP/AVP",
+            "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:PS1uQCVeeCFCanVmcjkpPywjNWhcYD0mXXtxaVBR",
+            True,
+        ),
         ("RTP/AVP", None, False),
     ],
 )
@@ -81,7 +105,14 @@ def test_srtp_is_recognised(proto: str, attr: str | None, encrypted: bool) -> No
 
 def test_port_zero_rtcp_attribute_and_opus_channels() -> None:
     d = SessionDescription.parse(
-        sdp("v=0", "c=IN IP4 192.0.2.1", "m=audio 0 RTP/AVP 0", "m=audio 4000 RTP/AVP 111", "a=rtpmap:111 opus/48000/2", "a=rtcp:4005 IN IP4 192.0.2.1")
+        sdp(
+            "v=0",
+            "c=IN IP4 192.0.2.1",
+            "m=audio 0 RTP/AVP 0",
+            "m=audio 4000 RTP/AVP 111",
+            "a=rtpmap:111 opus/48000/2",
+            "a=rtcp:4005 IN IP4 192.0.2.1",
+        )
     )
     first, second = d.audio()
     assert first.port == 0
@@ -96,7 +127,15 @@ def test_not_sdp_is_rejected() -> None:
 
 
 def test_junk_lines_and_bad_media_lines_are_ignored() -> None:
-    d = SessionDescription.parse(sdp("v=0", "garbage", "c=IN IP4 192.0.2.1", "m=audio notaport RTP/AVP 0", "m=audio 4000 RTP/AVP 0 x 300"))
+    d = SessionDescription.parse(
+        sdp(
+            "v=0",
+            "garbage",
+            "c=IN IP4 192.0.2.1",
+            "m=audio notaport RTP/AVP 0",
+            "m=audio 4000 RTP/AVP 0 x 300",
+        )
+    )
     (audio,) = d.audio()
     assert audio.formats == (0,)
 
