@@ -153,18 +153,17 @@ def _record(args: argparse.Namespace) -> int:
             status = EXIT_INPUT
             continue
         log.info("capture_opened", file=name, format=reader.format)
-        first = True
-        feed = pipeline.feed
         try:
             with reader:
-                for ts, linktype, frame in reader:
-                    if first:
-                        first = False
-                        if ts < pipeline.now - 1.0:
-                            # An older file after a newer one: unrelated captures, not a rotation.
-                            pipeline.close("capture_end")
-                            pipeline.restart_clock()
-                    feed(ts, linktype, frame)
+                frames = iter(reader)
+                for ts, linktype, frame in frames:
+                    if ts < pipeline.now - 1.0:
+                        # An older file after a newer one: unrelated captures, not a rotation.
+                        pipeline.close("capture_end")
+                        pipeline.restart_clock()
+                    pipeline.feed(ts, linktype, frame)
+                    break
+                pipeline.run(frames)
         except CaptureError as exc:
             _error(f"cannot read capture {exc}")
             log.error("capture_unreadable", file=name, error=str(exc), packets=reader.packets)

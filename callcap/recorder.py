@@ -61,8 +61,8 @@ class _StreamContext:
     late: int = 0
     decoded: bool = False
     encrypted: bool = False
-    audio_pts: dict[int, int] = field(default_factory=dict)
     codec: str | None = None
+    pending: list[tuple[int, bytes, Decoder]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,40 +151,54 @@ class CallRecorder:
         ssrc: int,
         payload: bytes,
     ) -> None:
+        """One RTP packet of this call (the general entry; the pipeline's fast path caches
+        :meth:`stream_for` per flow and calls :meth:`push` directly)."""
+        self.push(
+            self.stream_for(sender, src, sport, dst, dport, ssrc, arrival),
+            arrival,
+            pt,
+            seq,
+            ts,
+            payload,
+        )
+
+    def stream_for(
+        self, sender: str, src: bytes, sport: int, dst: bytes, dport: int, ssrc: int, arrival: float
+    ) -> _StreamContext:
         key = (src, sport, dst, dport, ssrc)
         ctx = self.streams.get(key)
         if ctx is None:
             ctx = self._new_stream(key, sender, arrival)
+        return ctx
+
+    def push(
+        self, ctx: _StreamContext, arrival: float, pt: int, seq: int, ts: int, payload: bytes
+    ) -> None:
         kind = ctx.kinds.get(pt)
         if kind is None:
-            kind = ctx.kinds[pt] = self._classify(sender, pt, ctx)
+            kind = ctx.kinds[pt] = self._classify(ctx.stream.side, pt, ctx)
         self.last_rtp = arrival
-        what, _codec, decoder = kind
+        what = kind[0]
         stream = ctx.stream
         if what is PayloadKind.AUDIO:
             pos = stream.push(arrival, seq, ts, pt, len(payload))
             if pos is None:
                 return
-            ctx.audio_pts[pt] = ctx.audio_pts.get(pt, 0) + 1
             if pos < self.written:
                 ctx.late += 1
-                self._gap(sender, pos, pos + len(payload))
+                self._gap(stream.side, pos, pos + len(payload))
                 return
-            assert decoder is not None
-            self._pending[0 if sender == "caller" else 1].append((pos, payload, decoder))
+            ctx.pending.append((pos, payload, kind[2]))  # type: ignore[arg-type]
         elif what is PayloadKind.EVENT:
             if stream.push(arrival, seq, ts, pt, 0, timing=False) is None:
                 return
             assert ctx.events is not None
             for digit in ctx.events.feed(ts, payload):
                 self._event_digit(ctx, digit)
-        # Comfort noise stands for silence (RFC 3389); unsupported and encrypted payloads
-        # are counted but never decoded into noise.
-        elif (
-            stream.push(arrival, seq, ts, pt, 0) is not None
-            and what is not PayloadKind.COMFORT_NOISE
-        ):
-            ctx.audio_pts[pt] = ctx.audio_pts.get(pt, 0) + 1
+        else:
+            # Comfort noise stands for silence (RFC 3389); unsupported and encrypted payloads
+            # are counted but never decoded into noise.
+            stream.push(arrival, seq, ts, pt, 0)
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -279,7 +293,7 @@ class CallRecorder:
             side=sender,
             origin=self.origin,
         )
-        ctx = _StreamContext(stream)
+        ctx = _StreamContext(stream, pending=self._pending[0 if sender == "caller" else 1])
         self.streams[key] = ctx
         return ctx
 
@@ -372,27 +386,28 @@ class CallRecorder:
             return
         carry = self._carry
         length = max(n, 0 if carry is None else len(carry))
-        taken: list[list[tuple[int, bytes, Decoder]]] = [[], []]
+        placed: list[tuple[int, list[_Placed]]] = []
         for ch in (0, 1):
             pending = self._pending[ch]
             if not pending:
                 continue
-            keep = []
-            for item in pending:
-                if item[0] < horizon:
-                    taken[ch].append(item)
-                    end = item[0] + len(item[1]) - start
-                    length = max(length, end)
-                else:
-                    keep.append(item)
-            self._pending[ch][:] = keep
+            taken = [item for item in pending if item[0] < horizon]
+            if not taken:
+                continue
+            pending[:] = [item for item in pending if item[0] >= horizon]
+            groups = _decode_groups(taken, start)
+            for _decoder, index, _samples in groups:
+                if isinstance(index, slice):
+                    length = max(length, index.stop)
+                elif len(index):
+                    length = max(length, int(index.max()) + 1)
+            placed.append((ch, groups))
         block = np.zeros((length, 2), dtype=np.int16)
         if carry is not None:
             block[: len(carry)] = carry
-        for ch in (0, 1):
-            items = taken[ch]
-            if items:
-                _scatter(block, ch, start, items)
+        for ch, groups in placed:
+            for _decoder, index, samples in groups:
+                block[index, ch] = samples
         writer = self._writer
         assert writer is not None
         writer.write(block[:n])
@@ -426,6 +441,7 @@ class CallRecorder:
         streams = [
             self._stream_doc(ctx)
             for ctx in sorted(self.streams.values(), key=lambda c: c.stream.first_arrival)
+            if ctx.stream.stats.packets
         ]
         gaps = [
             {
@@ -479,8 +495,13 @@ class CallRecorder:
     def _stream_doc(self, ctx: _StreamContext) -> dict[str, Any]:
         s = ctx.stream
         st = s.stats
-        audio_pts = ctx.audio_pts or st.payload_types
-        main_pt = max(audio_pts.items(), key=lambda kv: kv[1])[0] if audio_pts else 0
+        media_pts = {
+            pt: n
+            for pt, n in st.payload_types.items()
+            if pt in ctx.kinds
+            and ctx.kinds[pt][0] not in (PayloadKind.EVENT, PayloadKind.COMFORT_NOISE)
+        } or st.payload_types
+        main_pt = max(media_pts.items(), key=lambda kv: kv[1])[0] if media_pts else 0
         src_ip, sport = s.src
         dst_ip, dport = s.dst
         return {
@@ -505,24 +526,54 @@ class CallRecorder:
         }
 
 
-def _scatter(
-    block: npt.NDArray[np.int16], ch: int, start: int, items: list[tuple[int, bytes, Decoder]]
-) -> None:
-    """Decode queued payloads in one lookup per codec and drop them at their sample positions."""
-    by_decoder: dict[Decoder, list[tuple[int, bytes, Decoder]]] = {}
-    for item in items:
-        by_decoder.setdefault(item[2], []).append(item)
-    for decoder, group in by_decoder.items():
-        samples = decoder(b"".join(item[1] for item in group))
-        lens = np.fromiter((len(item[1]) for item in group), dtype=np.int64, count=len(group))
-        starts = np.fromiter((item[0] for item in group), dtype=np.int64, count=len(group)) - start
-        first_index = np.cumsum(lens) - lens
-        index = np.repeat(starts - first_index, lens) + np.arange(int(lens.sum()), dtype=np.int64)
-        ok = index >= 0
-        if not ok.all():
-            index = index[ok]
-            samples = samples[ok]
-        block[index, ch] = samples
+_Placed = tuple[Decoder, "npt.NDArray[np.int64] | slice", "npt.NDArray[np.int16]"]
+
+
+def _decode_groups(items: list[tuple[int, bytes, Decoder]], start: int) -> list[_Placed]:
+    """Decode queued payloads in one table lookup per codec → (sample indices, samples).
+
+    Indices are relative to ``start`` (the first unwritten sample); samples that would land
+    before it (a packet straddling the last flush) are dropped.  Equal-length payloads — the
+    usual 20 ms packets — take a reshape instead of a repeat.
+    """
+    positions, payloads, decoders = zip(*items, strict=True)
+    first = decoders[0]
+    if decoders.count(first) == len(decoders):
+        grouped = [(first, positions, payloads)]
+    else:
+        by_decoder: dict[Decoder, tuple[list[int], list[bytes]]] = {}
+        for pos, payload, decoder in items:
+            entry = by_decoder.setdefault(decoder, ([], []))
+            entry[0].append(pos)
+            entry[1].append(payload)
+        grouped = [(d, tuple(p), tuple(b)) for d, (p, b) in by_decoder.items()]
+    out: list[_Placed] = []
+    for decoder, pos_t, pay_t in grouped:
+        data = b"".join(pay_t)
+        samples = decoder(data)
+        size = len(pay_t[0])
+        first_pos, last_pos = pos_t[0] - start, pos_t[-1] - start
+        uniform = size and len(data) == size * len(pay_t)
+        if uniform and first_pos >= 0 and last_pos - first_pos == size * (len(pay_t) - 1):
+            rel = np.array(pos_t, dtype=np.int64)
+            if len(rel) < 2 or bool((rel[1:] - rel[:-1] == size).all()):
+                # back-to-back packets in order (the usual case): one slice, no index array
+                out.append((decoder, slice(first_pos, first_pos + len(data)), samples))
+                continue
+        rel = np.array(pos_t, dtype=np.int64) - start
+        if uniform:
+            index = (rel[:, None] + np.arange(size, dtype=np.int64)).ravel()
+        else:
+            lens = np.fromiter(map(len, pay_t), dtype=np.int64, count=len(pay_t))
+            index = np.repeat(rel - (np.cumsum(lens) - lens), lens) + np.arange(
+                len(data), dtype=np.int64
+            )
+        if rel.min() < 0:
+            keep = index >= 0
+            index = index[keep]
+            samples = samples[keep]
+        out.append((decoder, index, samples))
+    return out
 
 
 def _merge_gaps(gaps: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:

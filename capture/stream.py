@@ -56,6 +56,7 @@ class StreamStats:
     reordered: int = 0
     restarts: int = 0
     reanchors: int = 0
+    probation: int = 0
     jitter_max: float = 0.0  # in RTP clock units
     jitter_sum: float = 0.0
     jitter_samples: int = 0
@@ -72,17 +73,18 @@ class RtpStream:
 
     __slots__ = (
         "_anchor",
+        "_bad_seq",
         "_base_ext",
         "_cycles",
         "_last_transit",
         "_lost_before_restart",
         "_max_seq",
+        "_missing",
         "_open_gaps",
         "_prev_end",
         "_ref_ext_ts",
         "_ref_ts",
         "_scale",
-        "_seen",
         "_window_min",
         "clock_rate",
         "closed_gaps",
@@ -127,7 +129,8 @@ class RtpStream:
         self._max_seq = -1  # highest extended sequence number seen (-1: none yet)
         self._cycles = 0
         self._base_ext = 0
-        self._seen: set[int] = set()
+        self._missing: set[int] = set()  # sequence numbers skipped, still expected (reordering)
+        self._bad_seq = -1
         self._ref_ts = 0
         self._ref_ext_ts = 0
         self._anchor = _NEVER  # timeline samples = media samples + anchor
@@ -172,22 +175,57 @@ class RtpStream:
     def push(
         self, arrival: float, seq: int, ts: int, pt: int, samples: int, *, timing: bool = True
     ) -> int | None:
-        """Account one packet and place it; ``None`` for a duplicate.
+        """Account one packet and place it; ``None`` if it must not be used.
 
         ``samples`` is the packet's duration in media clock units (0 if unknown).  ``timing``
         is False for packets whose timestamp does not advance with media time (RFC 4733
         telephone-events keep the event's start timestamp), so they neither move the anchor
-        nor feed the jitter estimate.
+        nor feed the jitter estimate.  ``None`` means a duplicate, or a packet on probation
+        after a sequence jump (RFC 3550 A.1: a jump is believed once the next packet follows it).
         """
         stats = self.stats
         stats.packets += 1
         pts = stats.payload_types
         pts[pt] = pts.get(pt, 0) + 1
-        self.first_arrival = min(self.first_arrival, arrival)
         self.last_arrival = max(self.last_arrival, arrival)
+        max_seq = self._max_seq
 
+        # Fast path: the next packet in sequence of an anchored audio stream — nearly all of
+        # them.  Same arithmetic as the general path below, without its branches.
+        if timing and seq == ((max_seq + 1) & 0xFFFF) and max_seq >= 0 and self._anchor != _NEVER:
+            ext = max_seq + 1
+            self._max_seq = ext
+            self.received += 1
+            d = (ts - self._ref_ts) & 0xFFFFFFFF
+            ext_ts = self._ref_ext_ts + (d - 0x100000000 if d & 0x80000000 else d)
+            self._ref_ts = ts
+            self._ref_ext_ts = ext_ts
+            scale = self._scale
+            media = ext_ts * scale
+            transit = (arrival - self.origin) * TIMELINE_RATE - media
+            last = self._last_transit
+            self._last_transit = transit
+            if last != _NEVER:
+                jitter = self.jitter
+                jitter += (abs(transit - last) / scale - jitter) / 16.0
+                self.jitter = jitter
+                stats.jitter_max = max(stats.jitter_max, jitter)
+                stats.jitter_sum += jitter
+                stats.jitter_samples += 1
+            anchor = self._anchor
+            if transit < anchor - self.tolerance:
+                stats.reanchors += 1
+                anchor = self._anchor = transit
+            self._window_min = min(self._window_min, transit)
+            pos = round(media + anchor)
+            self._prev_end = pos + round(samples * scale)
+            if self._open_gaps and ext - self._open_gaps[0].last > MAX_MISORDER:
+                self._close_old_gaps()
+            return pos
+
+        self.first_arrival = min(self.first_arrival, arrival)
         # RFC 3550 A.1: extend the sequence number and classify the packet.
-        if self._max_seq < 0:
+        if max_seq < 0:
             ext = seq
             self._base_ext = ext
             self._max_seq = ext
@@ -195,29 +233,35 @@ class RtpStream:
             self._ref_ext_ts = ts
             forward = 1
         else:
-            d = seq_distance(self._max_seq & 0xFFFF, seq)
+            d = seq_distance(max_seq & 0xFFFF, seq)
             if 0 < d < MAX_DROPOUT:
-                ext = self._max_seq + d
+                ext = max_seq + d
                 forward = d
+                self._missing.update(range(max_seq + 1, ext))
+                if len(self._missing) > 4 * MAX_MISORDER:
+                    floor = ext - MAX_MISORDER
+                    self._missing = {m for m in self._missing if m >= floor}
             elif d == 0:
                 stats.duplicates += 1
                 return None
             elif -MAX_MISORDER <= d < 0:
-                ext = self._max_seq + d
-                if ext in self._seen or ext < self._base_ext:
+                ext = max_seq + d
+                if ext not in self._missing:
                     stats.duplicates += 1
                     return None
+                self._missing.discard(ext)
                 forward = 0
                 stats.reordered += 1
-            else:
+            elif seq == self._bad_seq:
+                # The jump is confirmed by a second packet following it: a new run.
                 self._restart(seq, ts)
                 ext = seq
                 forward = 1
-        self._seen.add(ext)
+            else:
+                self._bad_seq = (seq + 1) & 0xFFFF
+                stats.probation += 1
+                return None
         self.received += 1
-        if len(self._seen) > 4 * MAX_MISORDER:
-            floor = self._max_seq - 2 * MAX_MISORDER
-            self._seen = {s for s in self._seen if s >= floor}
 
         # Media time of this packet, unwrapped around the 32-bit timestamp.
         ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
@@ -293,7 +337,8 @@ class RtpStream:
         self._lost_before_restart = self.lost
         self.finish()
         self.received = 0
-        self._seen.clear()
+        self._missing.clear()
+        self._bad_seq = -1
         self._base_ext = seq
         self._max_seq = seq
         # Media time restarts from the new timestamp; re-anchor on arrival.

@@ -16,6 +16,15 @@ from types import MappingProxyType
 
 _EVENT = struct.Struct("!BBH")
 
+MAX_EVENT_PAYLOAD = 64
+"""Longest payload still taken as telephone-events.
+
+An event block is 4 bytes (RFC 4733 §2.3); some gateways pad it (SIP_DTMF2.pcap sends 6),
+and redundant blocks make a few more.  Anything longer is a media frame on a mislabelled
+payload type (nDPI's rtp.pcapng has video on PT 101), whose first byte would otherwise be
+read as a digit about one time in sixteen.
+"""
+
 EVENT_DIGITS: Mapping[int, str] = MappingProxyType(
     {
         **{i: str(i) for i in range(10)},
@@ -38,7 +47,7 @@ class TelephoneEvent:
     duration: int
 
     @classmethod
-    def parse(cls, payload: bytes) -> TelephoneEvent:
+    def parse(cls, payload: bytes | bytearray | memoryview) -> TelephoneEvent:
         """The first event block of a payload (RFC 4733 §2.3; redundant blocks follow it)."""
         if len(payload) < 4:
             raise ValueError(f"telephone-event payload needs 4 bytes, got {len(payload)}")
@@ -66,6 +75,18 @@ class EventTracker:
         self.malformed = 0
 
     def feed(self, rtp_timestamp: int, payload: bytes) -> list[DtmfDigit]:
+        """One telephone-event packet in; the digits it completes out (usually none).
+
+        The RTP timestamp identifies the event (RFC 4733 §2.5.1.1): updates and the repeated
+        end packets (§2.5.1.4) of one event collapse into one digit, returned when its first
+        E-bit packet arrives.  A packet with a new timestamp while the previous event never
+        ended returns that event with ``ended=False`` (its end packets were lost).  Non-DTMF
+        event codes and payloads over :data:`MAX_EVENT_PAYLOAD` bytes are counted in
+        ``ignored``, payloads under 4 bytes in ``malformed``.
+        """
+        if len(payload) > MAX_EVENT_PAYLOAD:
+            self.ignored += 1  # a media frame under a telephone-event label, not an event
+            return []
         try:
             ev = TelephoneEvent.parse(payload)
         except ValueError:

@@ -3,7 +3,7 @@
 The tables are computed once at import from the bit layout in G.711 §2 (sign, 3-bit segment,
 4-bit step; µ-law with its bias of 33 in 14-bit units, A-law with even bits inverted), scaled
 to 16-bit PCM the way every telephony stack does (µ-law ×4 → ±32124, A-law ×8 → ±32256).
-Decoding a packet is one ``table[np.frombuffer(...)]`` — never a Python loop per sample.
+Decoding a block is one ``table.take(np.frombuffer(...))`` — never a Python loop per sample.
 """
 
 from __future__ import annotations
@@ -45,22 +45,26 @@ ALAW_TO_PCM.setflags(write=False)
 
 
 def decode_ulaw(payload: bytes | bytearray | memoryview) -> Pcm:
-    """µ-law bytes → int16 samples (one table lookup for the whole payload)."""
-    return ULAW_TO_PCM[np.frombuffer(payload, dtype=np.uint8)]
+    """µ-law bytes → int16 samples (one table lookup for the whole payload).
+
+    ``take`` rather than fancy indexing: the same lookup, about twice as fast.
+    """
+    return ULAW_TO_PCM.take(np.frombuffer(payload, dtype=np.uint8))
 
 
 def decode_alaw(payload: bytes | bytearray | memoryview) -> Pcm:
     """A-law bytes → int16 samples."""
-    return ALAW_TO_PCM[np.frombuffer(payload, dtype=np.uint8)]
+    return ALAW_TO_PCM.take(np.frombuffer(payload, dtype=np.uint8))
 
 
 def _encoder(table: Pcm) -> Callable[[npt.ArrayLike], bytes]:
     """Nearest-code encoder: exact inverse of the decoder on its own output values.
 
-    Every 16-bit value maps to the code whose decoded value is nearest (ties to the code that
-    decodes to the smaller magnitude), computed by a binary search over the sorted decode
-    table — vectorised, and by construction ``encode(decode(c))`` gives back ``c`` except for
-    µ-law's two zeros (0x7F and 0xFF), where the positive zero 0xFF is canonical.
+    Every value maps to the code whose decoded value is nearest (ties to the smaller
+    magnitude; out-of-range input saturates), found by a binary search over the sorted decode
+    table — vectorised.  Unlike G.711's decision-threshold encoder, "nearest" makes the
+    encoder the exact inverse of the decoder on its own outputs: ``encode(decode(c)) == c``
+    for every code except µ-law's two zeros (0x7F and 0xFF), where 0xFF is canonical.
     """
     order = np.argsort(table, kind="stable")
     values = table[order].astype(np.int32)
@@ -75,15 +79,28 @@ def _encoder(table: Pcm) -> Callable[[npt.ArrayLike], bytes]:
         idx = np.clip(idx, 1, len(values) - 1)
         lower = values[idx - 1]
         upper = values[idx]
-        choose_lower = (x - lower) <= (upper - x)
+        below, above = x - lower, upper - x
+        # Ties go toward zero: the lower neighbour for positive input, the upper for negative.
+        choose_lower = (below < above) | ((below == above) & (x > 0))
         pick = np.where(choose_lower, idx - 1, idx)
         return bytes(codes[pick].tobytes())
 
     return encode
 
 
-encode_ulaw = _encoder(ULAW_TO_PCM)
-encode_alaw = _encoder(ALAW_TO_PCM)
+_encode_ulaw = _encoder(ULAW_TO_PCM)
+_encode_alaw = _encoder(ALAW_TO_PCM)
+
+
+def encode_ulaw(pcm: npt.ArrayLike) -> bytes:
+    """int16 samples → µ-law bytes (nearest code; the inverse of :func:`decode_ulaw`)."""
+    return _encode_ulaw(pcm)
+
+
+def encode_alaw(pcm: npt.ArrayLike) -> bytes:
+    """int16 samples → A-law bytes (nearest code; the inverse of :func:`decode_alaw`)."""
+    return _encode_alaw(pcm)
+
 
 DECODERS: Mapping[str, Callable[[bytes], Pcm]] = MappingProxyType(
     {"PCMU": decode_ulaw, "PCMA": decode_alaw}

@@ -19,7 +19,11 @@ SPOOL = ".spool"
 def make_call_uid(call_id: str, from_tag: str | None, start_ts: float) -> str:
     """16 characters of ``[a-z2-7]`` identifying one call (80 bits of SHA-256)."""
     material = "\x00".join((call_id, from_tag or "", str(round(start_ts * 1_000_000))))
-    digest = hashlib.sha256(material.encode("utf-8", "surrogateescape")).digest()
+    try:  # header text decoded with surrogateescape hashes as the bytes on the wire
+        raw = material.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from a byte
+        raw = material.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).digest()
     return base64.b32encode(digest[:10]).decode("ascii").lower()
 
 

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,14 @@ def _hash(path: Path) -> tuple[int, str]:
 def publish_file(
     part: Path, final: Path, *, file_mode: int = 0o640, dir_mode: int = 0o750
 ) -> PublishedFile:
-    """Make ``part`` durable, hash it, and rename it to ``final`` (which must not exist)."""
+    """Make ``part`` durable, hash it, and rename it to ``final`` (which must not exist).
+
+    The order is what makes a crash harmless: until ``os.replace`` the final name does not
+    exist and the part stays in the spool; after it, the content is already on disk, and the
+    directory fsync makes the new name itself survive a power cut.  The existence check is
+    not atomic with the rename; unique names are the caller's job (the recorder adds a
+    suffix), this only stops a silent overwrite of a published recording.
+    """
     try:
         _fsync_path(part)
         size, digest = _hash(part)
@@ -67,8 +75,12 @@ def write_json_atomic(
     final: Path, obj: object, *, file_mode: int = 0o640, dir_mode: int = 0o750
 ) -> PublishedFile:
     """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory."""
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    except (TypeError, ValueError) as exc:  # not JSON-able, or a lone surrogate left in text
+        raise StorageError(f"cannot serialise {final.name}: {exc}") from exc
+    # Hidden (a watcher globbing *.json never sees it) and unique per process and thread.
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         ensure_dir(final.parent, dir_mode)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, file_mode)

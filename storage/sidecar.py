@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -48,29 +48,45 @@ def validate_sidecar(doc: Mapping[str, Any]) -> None:
     """Raise :class:`StorageError` naming every place ``doc`` breaks the schema."""
     errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = ["/".join(str(p) for p in e.absolute_path) + ": " + e.message for e in errors]
+        lines = [f"{_json_path(e.absolute_path)}: {e.message}" for e in errors]
         raise StorageError("sidecar does not match the schema:\n  " + "\n  ".join(lines))
 
 
+def _json_path(parts: Iterable[str | int]) -> str:
+    """``$.streams[0].ssrc``: where in the document an error is."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
+
+
 def clean_text(value: str | None, limit: int = 512) -> str | None:
-    """Escape what is not printable text and cut to ``limit`` characters (``…[+N]`` marks a cut)."""
+    """Make a header value safe to store: visible escapes, bounded length.
+
+    SIP text is decoded with ``surrogateescape``, so a byte that was not UTF-8 arrives as a
+    lone surrogate U+DC80-U+DCFF and becomes ``\\xNN``; every other character that is not
+    printable (C0/C1 controls incl. NUL, other surrogates, bidi overrides and other format
+    characters, line separators, unassigned code points) becomes ``\\uNNNN`` (``\\UNNNNNNNN``
+    beyond the BMP), and a backslash is doubled so an escape can't be forged.  The result is
+    cut to ``limit`` characters with ``…[+N]`` (N characters cut) appended.  It is valid
+    UTF-8 text for JSON and logs — and still never a path component: layout uses none.
+    """
     if value is None:
         return None
-    out: list[str] = []
-    for ch in value:
-        code = ord(ch)
-        if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
-            out.append(f"\\x{code - 0xDC00:02x}")
-        elif code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF or 0x80 <= code < 0xA0:
-            out.append(f"\\u{code:04x}")
-        elif ch == "\\":
-            out.append("\\\\")
-        else:
-            out.append(ch)
-    text = "".join(out)
-    if len(text) > limit:
-        text = f"{text[:limit]}…[+{len(text) - limit}]"
-    return text
+    if not (value.isprintable() and "\\" not in value):
+        out: list[str] = []
+        for ch in value:
+            if ch.isprintable():
+                out.append("\\\\" if ch == "\\" else ch)
+                continue
+            code = ord(ch)
+            if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+                out.append(f"\\x{code - 0xDC00:02x}")
+            elif code <= 0xFFFF:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+        value = "".join(out)
+    if len(value) > limit:
+        value = f"{value[:limit]}…[+{len(value) - limit}]"
+    return value
 
 
 def iso_utc(ts: float) -> str:

@@ -5,11 +5,20 @@ the file is opened.  libsndfile handles this with ``SFC_RF64_AUTO_DOWNGRADE``: t
 opened as RF64 (a JUNK chunk reserves room for the ds64 chunk) and rewritten as a plain
 RIFF header at close if it stayed under the 4 GiB limit of 32-bit RIFF sizes.  So ordinary
 calls give ordinary WAV files that every tool reads, and a 74-hour call stays correct.
+
+libsndfile's RF64 writer always describes the samples with a WAVE_FORMAT_EXTENSIBLE ``fmt ``
+chunk, which simple readers (Python's ``wave`` before 3.12, many embedded players) reject.
+For 16-bit stereo it carries nothing a plain ``WAVE_FORMAT_PCM`` chunk doesn't, so after a
+downgrade :meth:`WavWriter.close` rewrites it in place as a 16-byte PCM ``fmt `` chunk
+followed by a JUNK chunk covering the freed bytes: the data offset does not move.
 """
 
 from __future__ import annotations
 
+import os
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -17,14 +26,32 @@ import soundfile
 
 from callcap.errors import StorageError
 
+SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
 RIFF_LIMIT = 0xFFFFFFFF
+"""Largest RIFF chunk size; libsndfile keeps RF64 for files of this length or more."""
+
+WAVE_FORMAT_PCM = 0x0001
+WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+KSDATAFORMAT_SUBTYPE_PCM = bytes.fromhex("0100000000001000800000aa00389b71")
+
+_CHUNK = struct.Struct("<4sI")
+_FMT_PCM = struct.Struct("<HHIIHH")
+_FMT_EXT = struct.Struct("<HHIIHHHHI16s")
+_HEADER_SCAN = 512  # libsndfile's header is 112 bytes; fmt is always within the first chunks
 
 
 class WavWriter:
     """Appends int16 frames to a 16-bit PCM file; ``flush`` makes them durable."""
 
-    def __init__(self, path: Path, *, sample_rate: int = 8000, channels: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        sample_rate: int = 8000,
+        channels: int = 2,
+        file_mode: int | None = None,
+    ) -> None:
         self.path = path
         self.channels = channels
         self._frames = 0
@@ -41,7 +68,15 @@ class WavWriter:
         except (OSError, RuntimeError) as exc:  # soundfile raises LibsndfileError (a RuntimeError)
             raise StorageError(f"cannot create {path}: {exc}") from exc
         ffi = soundfile._ffi
-        soundfile._snd.sf_command(self._file._file, SFC_RF64_AUTO_DOWNGRADE, ffi.NULL, 1)
+        if soundfile._snd.sf_command(self._file._file, SFC_RF64_AUTO_DOWNGRADE, ffi.NULL, 1) != 1:
+            self._file.close()
+            raise StorageError(f"libsndfile refused SFC_RF64_AUTO_DOWNGRADE for {path}")
+        if file_mode is not None:
+            try:
+                os.chmod(path, file_mode)
+            except OSError as exc:
+                self._file.close()
+                raise StorageError(f"cannot chmod {path}: {exc.strerror or exc}") from exc
 
     @property
     def frames(self) -> int:
@@ -52,12 +87,17 @@ class WavWriter:
         """``WAV`` or ``RF64``: what the header says (final once the writer is closed)."""
         if self._format is not None:
             return self._format
-        return "RF64" if self._projected_bytes() > RIFF_LIMIT else "WAV"
+        return "RF64" if self._projected_bytes() >= RIFF_LIMIT else "WAV"
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._file.closed)
 
     def _projected_bytes(self) -> int:
-        return 80 + self._frames * self.channels * 2
+        return 112 + self._frames * self.channels * 2  # libsndfile's RF64 header is 112 bytes
 
     def write(self, frames: npt.NDArray[np.int16]) -> None:
+        """Append ``frames`` (int16, shape ``(n, channels)``)."""
         if frames.ndim != 2 or frames.shape[1] != self.channels or frames.dtype != np.int16:
             shape = f"(n, {self.channels})"
             raise StorageError(
@@ -72,27 +112,71 @@ class WavWriter:
         self._frames += len(frames)
 
     def flush(self) -> None:
-        """Push audio to the disk (the spool's once-a-second guarantee).
+        """Make everything written so far durable: the spool's once-a-second guarantee.
 
-        python-soundfile's ``flush`` is libsndfile's ``sf_write_sync``, which updates the
-        header and calls fsync(2) on the file.
+        libsndfile writes PCM straight through to the file descriptor, so there is no
+        user-space buffer to drain; ``SFC_UPDATE_HEADER_NOW`` rewrites the sizes in the header
+        (a spool file left by a crash is then a readable WAV up to the last flush) and
+        python-soundfile's ``flush`` is ``sf_write_sync``, i.e. fsync(2).
         """
         try:
+            soundfile._snd.sf_command(
+                self._file._file, SFC_UPDATE_HEADER_NOW, soundfile._ffi.NULL, 0
+            )
             self._file.flush()
         except (OSError, RuntimeError) as exc:
             raise StorageError(f"cannot flush {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        """Finalise the header (RIFF or RF64); idempotent."""
         if self._file.closed:
             return
         try:
             self._file.close()
+            with self.path.open("r+b") as f:
+                magic = f.read(4)
+                if magic == b"RIFF":
+                    _plain_pcm_fmt(f)
         except (OSError, RuntimeError) as exc:
             raise StorageError(f"cannot close {self.path}: {exc}") from exc
-        with self.path.open("rb") as f:
-            magic = f.read(4)
         self._format = "RF64" if magic == b"RF64" else "WAV"
 
-    @property
-    def closed(self) -> bool:
-        return bool(self._file.closed)
+
+def _plain_pcm_fmt(f: BinaryIO) -> None:
+    """Rewrite an extensible PCM ``fmt `` chunk as ``WAVE_FORMAT_PCM`` + JUNK, in place.
+
+    Only a chunk that is exactly what libsndfile writes for integer PCM (size 40, subformat
+    KSDATAFORMAT_SUBTYPE_PCM, valid bits = container bits) is touched; anything else is left
+    alone, since it is still a valid WAVE file.
+    """
+    f.seek(0)
+    head = f.read(_HEADER_SCAN)
+    pos = 12
+    while pos + _CHUNK.size <= len(head):
+        cid, size = _CHUNK.unpack_from(head, pos)
+        if cid == b"data":
+            return
+        if cid == b"fmt ":
+            if size != _FMT_EXT.size or pos + 8 + size > len(head):
+                return
+            tag, chans, rate, byte_rate, align, bits, cb, valid, _mask, guid = _FMT_EXT.unpack_from(
+                head, pos + 8
+            )
+            if tag != WAVE_FORMAT_EXTENSIBLE or cb != 22 or valid != bits:
+                return
+            if guid != KSDATAFORMAT_SUBTYPE_PCM or chans > 2:
+                return
+            fmt = _FMT_PCM.pack(WAVE_FORMAT_PCM, chans, rate, byte_rate, align, bits)
+            junk_size = size - _FMT_PCM.size - _CHUNK.size
+            patch = (
+                _CHUNK.pack(b"fmt ", _FMT_PCM.size)
+                + fmt
+                + _CHUNK.pack(b"JUNK", junk_size)
+                + bytes(junk_size)
+            )
+            f.seek(pos)
+            f.write(patch)
+            f.flush()
+            os.fsync(f.fileno())
+            return
+        pos += _CHUNK.size + size + (size & 1)

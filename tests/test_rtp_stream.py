@@ -207,16 +207,27 @@ def test_sender_clock_running_slow_is_followed_within_one_packet() -> None:
     assert worst <= 2 * PTIME
 
 
-def test_ssrc_restart_with_sequence_jump_is_not_counted_as_loss() -> None:
+def test_sequence_jump_is_believed_on_the_second_packet_and_is_not_loss() -> None:
+    """RFC 3550 A.1 probation: one wild sequence number is ignored; two in a row restart."""
     s = _stream()
     for i in range(10):
         s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME)
     # The sender restarts: sequence and timestamp jump far away, media continues in real time.
-    for i in range(10, 20):
+    assert s.push(1000.2, 40010, 900_000 + 10 * PTIME, 0, PTIME) is None
+    for i in range(11, 20):
         pos = s.push(1000.0 + i * 0.02, 40000 + i, 900_000 + i * PTIME, 0, PTIME)
         assert pos == i * PTIME
     assert s.lost == 0
-    assert s.stats.restarts == 1
+    assert (s.stats.restarts, s.stats.probation) == (1, 1)
+
+
+def test_a_single_stray_sequence_number_does_not_restart_the_stream() -> None:
+    s = _stream()
+    for i in range(10):
+        s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME)
+    assert s.push(1000.19, 30000, 123, 0, PTIME) is None  # corrupt or foreign packet
+    assert s.push(1000.2, 10, 10 * PTIME, 0, PTIME) == 10 * PTIME
+    assert (s.stats.restarts, s.lost) == (0, 0)
 
 
 def test_timestamp_jump_forward_reanchors_on_arrival() -> None:
