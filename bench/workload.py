@@ -20,11 +20,12 @@ file: nothing is ever sent on a network.
 Usage::
 
     python bench/workload.py --calls 200 --seconds 60 --out calls.pcap
-    python bench/workload.py --calls 1 --seconds 37800 --out - | callcap ...
+    python bench/workload.py --calls 1 --seconds 37800 --out - | tcpdump -r - -w long.pcap
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: with real annotation objects the dataclasses below
+# also work when a test loads this file through importlib without registering it in
+# sys.modules (dataclasses resolves string annotations through sys.modules).
 import argparse
 import dataclasses
 import json

@@ -10,7 +10,8 @@ libsndfile's RF64 writer always describes the samples with a WAVE_FORMAT_EXTENSI
 chunk, which simple readers (Python's ``wave`` before 3.12, many embedded players) reject.
 For 16-bit stereo it carries nothing a plain ``WAVE_FORMAT_PCM`` chunk doesn't, so after a
 downgrade :meth:`WavWriter.close` rewrites it in place as a 16-byte PCM ``fmt `` chunk
-followed by a JUNK chunk covering the freed bytes: the data offset does not move.
+followed by a JUNK chunk covering the freed bytes: the data offset does not move.  (RF64
+files keep the extensible chunk: every RF64 reader understands it.)
 """
 
 from __future__ import annotations
@@ -136,36 +137,44 @@ class WavWriter:
             with self.path.open("r+b") as f:
                 magic = f.read(4)
                 if magic == b"RIFF":
-                    _plain_pcm_fmt(f)
+                    _tidy_riff_header(f)
         except (OSError, RuntimeError) as exc:
             raise StorageError(f"cannot close {self.path}: {exc}") from exc
         self._format = "RF64" if magic == b"RF64" else "WAV"
 
 
-def _plain_pcm_fmt(f: BinaryIO) -> None:
-    """Rewrite an extensible PCM ``fmt `` chunk as ``WAVE_FORMAT_PCM`` + JUNK, in place.
+def _tidy_riff_header(f: BinaryIO) -> None:
+    """Fix up a downgraded file's header in place so the simplest readers accept it.
 
-    Only a chunk that is exactly what libsndfile writes for integer PCM (size 40, subformat
-    KSDATAFORMAT_SUBTYPE_PCM, valid bits = container bits) is touched; anything else is left
-    alone, since it is still a valid WAVE file.
+    * The RIFF size: libsndfile 1.2.2 writes 8 too few for a file with no frames, which puts
+      the (empty) data chunk outside the RIFF chunk.
+    * An extensible PCM ``fmt `` chunk becomes ``WAVE_FORMAT_PCM`` + JUNK.  Only a chunk
+      that is exactly what libsndfile writes for integer PCM (size 40, subformat
+      KSDATAFORMAT_SUBTYPE_PCM, valid bits = container bits) is touched; anything else is
+      left alone, since it is still a valid WAVE file.
     """
+    f.seek(0, os.SEEK_END)
+    riff_size = f.tell() - 8
     f.seek(0)
     head = f.read(_HEADER_SCAN)
+    if riff_size <= RIFF_LIMIT and _CHUNK.unpack_from(head)[1] != riff_size:
+        f.seek(4)
+        f.write(struct.pack("<I", riff_size))
     pos = 12
     while pos + _CHUNK.size <= len(head):
         cid, size = _CHUNK.unpack_from(head, pos)
         if cid == b"data":
-            return
+            break
         if cid == b"fmt ":
             if size != _FMT_EXT.size or pos + 8 + size > len(head):
-                return
+                break
             tag, chans, rate, byte_rate, align, bits, cb, valid, _mask, guid = _FMT_EXT.unpack_from(
                 head, pos + 8
             )
             if tag != WAVE_FORMAT_EXTENSIBLE or cb != 22 or valid != bits:
-                return
+                break
             if guid != KSDATAFORMAT_SUBTYPE_PCM or chans > 2:
-                return
+                break
             fmt = _FMT_PCM.pack(WAVE_FORMAT_PCM, chans, rate, byte_rate, align, bits)
             junk_size = size - _FMT_PCM.size - _CHUNK.size
             patch = (
@@ -176,7 +185,7 @@ def _plain_pcm_fmt(f: BinaryIO) -> None:
             )
             f.seek(pos)
             f.write(patch)
-            f.flush()
-            os.fsync(f.fileno())
-            return
+            break
         pos += _CHUNK.size + size + (size & 1)
+    f.flush()
+    os.fsync(f.fileno())

@@ -32,7 +32,17 @@ def record(run: CallRun, out: Path) -> None:
     config = out.parent / "e2e.yaml"
     config.write_text("rtp:\n  jitter_window_ms: 1000\n", encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, "-m", "callcap", "record", str(run.capture), "--out", str(out), "--config", str(config)],
+        [
+            sys.executable,
+            "-m",
+            "callcap",
+            "record",
+            str(run.capture),
+            "--out",
+            str(out),
+            "--config",
+            str(config),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

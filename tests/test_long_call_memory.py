@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,20 +14,34 @@ from callgen import write_long_call
 pytestmark = pytest.mark.slow
 
 
+# Linux carries a parent's RSS high-water mark into a forked child, even across exec, so
+# measuring callcap as a direct child of pytest would report at least pytest's own RSS and
+# could not see a regression below it.  A tiny launcher (python -I -S) starts callcap and
+# reports the child's ru_maxrss from wait4.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024)
+"""
+
+
 def _record_peak_rss(pcap: Path, out: Path) -> tuple[int, list[dict[str, object]]]:
-    """Run ``callcap record`` and return the child's peak RSS (bytes) and its sidecars."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "callcap", "record", str(pcap), "--out", str(out)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    """Run ``callcap record`` and return its peak RSS (bytes) and its sidecars."""
+    argv = [sys.executable, "-m", "callcap", "record", str(pcap), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _LAUNCHER, *argv],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=True,
     )
-    assert proc.stderr is not None
-    _stderr = proc.stderr.read()
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, _stderr[-3000:]
+    code, rss = proc.stdout.splitlines()[-1].split()  # callcap prints its WAV paths first
+    assert code == "0", proc.stderr[-3000:]
     docs = [json.loads(p.read_text(encoding="utf-8")) for p in out.rglob("*.json")]
-    return usage.ru_maxrss * 1024, docs
+    return int(rss), docs
 
 
 def test_ten_and_a_half_hour_call_uses_no_more_memory_than_ten_minutes(tmp_path: Path) -> None:

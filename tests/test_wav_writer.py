@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import struct
-import subprocess
 import wave
 from pathlib import Path
 
@@ -133,7 +131,11 @@ def test_unwritable_path_raises_storage_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_recording_past_4_gib_is_rf64_with_a_ds64_chunk(tmp_path: Path) -> None:
-    """2**30 frames = 4 GiB of samples: past the RIFF limit, so RF64 (EBU Tech 3306)."""
+    """2**30 frames = 4 GiB of samples: past the RIFF limit, so RF64 (EBU Tech 3306).
+
+    ~10 s (page cache).  ``sox --i`` also reads such a file correctly, but it scans all of
+    it (~1 min), so it is not part of the test.
+    """
     path = tmp_path / "long.wav"
     block = np.zeros((1 << 24, 2), dtype=np.int16)  # 64 MiB
     tail = _stereo(1000, seed=3)
@@ -171,10 +173,5 @@ def test_recording_past_4_gib_is_rf64_with_a_ds64_chunk(tmp_path: Path) -> None:
         with soundfile.SoundFile(str(path)) as sf:
             sf.seek(frames - len(tail))
             assert np.array_equal(sf.read(dtype="int16"), tail)
-        if shutil.which("sox"):
-            out = subprocess.run(
-                ["sox", "--i", "-s", str(path)], capture_output=True, text=True, check=True
-            )
-            assert int(out.stdout.strip()) == frames
     finally:
         path.unlink(missing_ok=True)

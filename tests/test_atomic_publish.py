@@ -1,0 +1,168 @@
+"""Published files appear whole or not at all, with exact modes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from callcap.errors import StorageError
+from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
+
+
+@pytest.fixture
+def strict_umask() -> Iterator[None]:
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def _part(tmp_path: Path, content: bytes) -> Path:
+    spool = tmp_path / ".spool"
+    spool.mkdir(exist_ok=True)
+    part = spool / "abc.wav.part"
+    part.write_bytes(content)
+    return part
+
+
+def test_publish_moves_the_part_into_place_with_its_hash(tmp_path: Path) -> None:
+    content = os.urandom(3 << 20)  # several hashing blocks
+    part = _part(tmp_path, content)
+    final = tmp_path / "2018" / "04" / "09" / "211409_abcdefghijklmnop.wav"
+    published = publish_file(part, final)
+    assert published == PublishedFile(final, len(content), hashlib.sha256(content).hexdigest())
+    assert final.read_bytes() == content
+    assert not part.exists()
+
+
+@pytest.mark.usefixtures("strict_umask")
+def test_published_modes_ignore_the_umask(tmp_path: Path) -> None:
+    part = _part(tmp_path, b"RIFF")
+    os.chmod(part, 0o600)
+    final = tmp_path / "a" / "b" / "x.wav"
+    publish_file(part, final)
+    sidecar = write_json_atomic(tmp_path / "c" / "x.json", {"k": 1}).path
+    assert _mode(final) == _mode(sidecar) == 0o640
+    for d in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "c"):
+        assert _mode(d) == 0o750
+
+
+def test_modes_are_configurable(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        final = tmp_path / "d" / "x.wav"
+        publish_file(_part(tmp_path, b"x"), final, file_mode=0o600, dir_mode=0o700)
+        sidecar = write_json_atomic(tmp_path / "e" / "x.json", [], file_mode=0o604, dir_mode=0o711)
+    finally:
+        os.umask(old)
+    assert (_mode(final), _mode(final.parent)) == (0o600, 0o700)
+    assert (_mode(sidecar.path), _mode(sidecar.path.parent)) == (0o604, 0o711)
+
+
+def test_crash_before_the_rename_leaves_no_final_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = _part(tmp_path, b"audio")
+    final = tmp_path / "out" / "x.wav"
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="Input/output error"):
+        publish_file(part, final)
+    assert not final.exists()
+    assert part.read_bytes() == b"audio"  # still in the spool, for a retry or recovery
+
+
+def test_crash_before_the_json_rename_leaves_neither_file_nor_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    final = tmp_path / "x.json"
+
+    def crash(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="No space left"):
+        write_json_atomic(final, {"call_uid": "abc"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_publish_refuses_to_overwrite_a_published_file(tmp_path: Path) -> None:
+    final = tmp_path / "x.wav"
+    final.write_bytes(b"first call")
+    part = _part(tmp_path, b"second call")
+    with pytest.raises(StorageError, match="already exists"):
+        publish_file(part, final)
+    assert final.read_bytes() == b"first call"
+    assert part.exists()
+
+
+def test_missing_part_raises_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot publish"):
+        publish_file(tmp_path / "nope.part", tmp_path / "x.wav")
+
+
+def test_json_is_utf8_indented_in_insertion_order_with_a_newline(tmp_path: Path) -> None:
+    doc = {"z": 1, "a": "Jürgen ☎", "m": [1, None]}
+    published = write_json_atomic(tmp_path / "x.json", doc)
+    raw = published.path.read_bytes()
+    assert (
+        raw
+        == b'{\n  "z": 1,\n  "a": "J\xc3\xbcrgen \xe2\x98\x8e",\n  "m": [\n    1,\n    null\n  ]\n}\n'
+    )
+    assert (published.size, published.sha256) == (len(raw), hashlib.sha256(raw).hexdigest())
+
+
+def test_json_that_cannot_be_encoded_is_a_storage_error(tmp_path: Path) -> None:
+    with pytest.raises(StorageError, match="cannot serialise"):
+        write_json_atomic(tmp_path / "x.json", {"call_id": "\udcff"})  # lone surrogate
+    with pytest.raises(StorageError, match="cannot serialise"):
+        write_json_atomic(tmp_path / "y.json", {"when": object()})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_polling_reader_never_sees_a_partial_json(tmp_path: Path) -> None:
+    """A watcher lists and parses *.json while big sidecars are written and rewritten."""
+    out = tmp_path / "out"
+    out.mkdir()
+    big = {"streams": [{"ssrc": f"0x{i:08X}", "note": "x" * 200} for i in range(3000)]}  # ~0.7 MB
+    done = threading.Event()
+    parsed: list[int] = []
+    failures: list[str] = []
+
+    def reader() -> None:
+        while not done.is_set():
+            for path in out.glob("*.json"):
+                try:
+                    doc = json.loads(path.read_bytes())
+                except FileNotFoundError:
+                    continue
+                except ValueError as exc:
+                    failures.append(f"{path.name}: {exc}")
+                    continue
+                parsed.append(len(doc["streams"]))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(12):
+            write_json_atomic(out / f"call{i % 3}.json", big)  # new files and replacements
+    finally:
+        done.set()
+        thread.join()
+    assert failures == []
+    assert parsed and set(parsed) == {3000}
+    assert sorted(p.name for p in out.iterdir()) == ["call0.json", "call1.json", "call2.json"]
