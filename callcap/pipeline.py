@@ -142,13 +142,14 @@ class Pipeline:
             ):
                 flow = flows.get(frame[26:38])
                 if flow is not None:
-                    end = 14 + ((frame[16] << 8) | frame[17])
+                    # the UDP length bounds the payload; the IP length bounds the UDP length
+                    end = 34 + ((frame[38] << 8) | frame[39])
+                    ip_end = 14 + ((frame[16] << 8) | frame[17])
                     b0 = frame[42] if len(frame) > 54 else 0
                     b1 = frame[43] if b0 else 0
                     if (
                         b0 == 0x80
-                        and end <= len(frame)
-                        and end > 54
+                        and 54 < end <= ip_end <= len(frame)
                         and not 72 <= (b1 & 0x7F) <= 76
                     ):
                         frames_n += 1
