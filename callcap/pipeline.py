@@ -29,7 +29,7 @@ from callcap.capture.dialog import (
     Event,
     MediaOffered,
 )
-from callcap.capture.media import MediaRouter, ip_text
+from callcap.capture.media import MediaRouter, ip_text, pack_ip
 from callcap.capture.rtp import parse_rtp
 from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
 from callcap.capture.tcp import TcpReassembler
@@ -292,21 +292,42 @@ class Pipeline:
         )
 
     def _media(self, event: MediaOffered) -> None:
-        self._flows.clear()  # routes change: the fast lane must re-learn from the router
         call_id = event.call.call_id
         rec = self.recorders.get(call_id)
         if rec is None:
             return
+        announced: set[tuple[bytes, int]] = set()
         for md in event.sdp.audio():
             rec.set_media(event.side, md)
             if not self.router.announce(call_id, event.side, md.address, md.port):
                 self.counters["sdp_media_not_routable"] += 1
+            elif md.address is not None:
+                packed = pack_ip(md.address)
+                if packed is not None:
+                    announced.add((packed, md.port))
+        # Routes changed: forget the fast-lane flows they may affect (this call's, and any
+        # other call's flow through an address this call now claims); they re-learn from
+        # the router on their next packet.
+        self._forget_flows(
+            lambda flow: (
+                flow.recorder is rec
+                or (flow.src, flow.sport) in announced
+                or (flow.dst, flow.dport) in announced
+            )
+        )
+
+    def _forget_flows(self, stale: Callable[[_FastFlow], bool]) -> None:
+        """Drop fast-lane flows in place (``run`` holds a reference to this very dict)."""
+        flows = self._flows
+        for key in [key for key, flow in flows.items() if stale(flow)]:
+            del flows[key]
 
     def _end(self, event: CallEnded) -> None:
         call = event.call
         rec = self.recorders.pop(call.call_id, None)
         self.router.forget_call(call.call_id)
-        self._flows.clear()
+        if rec is not None:
+            self._forget_flows(lambda flow: flow.recorder is rec)
         if rec is None:
             return
         end = call.end if call.end is not None else event.ts

@@ -187,7 +187,8 @@ class RtpStream:
         stats.packets += 1
         pts = stats.payload_types
         pts[pt] = pts.get(pt, 0) + 1
-        self.last_arrival = max(self.last_arrival, arrival)
+        if arrival > self.last_arrival:
+            self.last_arrival = arrival
         max_seq = self._max_seq
 
         # Fast path: the next packet in sequence of an anchored audio stream — nearly all of
