@@ -170,6 +170,10 @@ def _record(args: argparse.Namespace) -> int:
             status = EXIT_INPUT
         if reader.truncated:
             log.warning("capture_truncated", file=name, packets=reader.packets)
+            pipeline.warn_active(
+                "capture_truncated",
+                f"{os.path.basename(name)} ends mid-record after {reader.packets} packets",
+            )
         log.info("capture_done", file=name, packets=reader.packets)
     pipeline.close("capture_end")
     stats = pipeline.stats()

@@ -391,6 +391,11 @@ class Pipeline:
         self._handle(self.tracker.close_all(reason, when))
         self.drops.flush(when)
 
+    def warn_active(self, code: str, detail: str) -> None:
+        """Attach a warning to every call in flight (e.g. the capture file was cut short)."""
+        for rec in self.recorders.values():
+            rec.warn(code, detail)
+
     @property
     def next_tick(self) -> float:
         return self._next_tick

@@ -379,6 +379,7 @@ def test_truncated_capture_keeps_everything_before_the_cut(tmp_path: Path) -> No
     assert "capture_truncated" in proc.stderr
     doc, audio = one_call(tmp_path)
     assert doc["end_reason"] == "capture_end"
+    assert [w["code"] for w in doc["warnings"]] == ["capture_truncated"]
     n = min(len(ref_a), len(audio)) - 2000
     assert np.array_equal(audio[:n, 0], ref_a[:n])
 
