@@ -164,7 +164,10 @@ class Pipeline:
                                 flow.sender, flow.src, flow.sport, flow.dst, flow.dport, ssrc, ts
                             )
                         self.rtp_packets += 1
-                        rec.push(ctx, ts, b1 & 0x7F, seq, rts, frame[54:end])
+                        try:
+                            rec.push(ctx, ts, b1 & 0x7F, seq, rts, frame[54:end])
+                        except Exception as exc:  # noqa: BLE001 - as in feed: isolate one packet
+                            self._internal_error(ts, exc)
                         continue
             feed(ts, linktype, frame)
             now = self.now
@@ -199,8 +202,12 @@ class Pipeline:
                 self._tcp(ts, dg)
         except ParseError as exc:
             self.drops.drop(exc.reason, ts, detail=str(exc)[:200])
-        except CallcapError as exc:
-            self.drops.drop("internal_error", ts, detail=str(exc)[:200])
+        except Exception as exc:  # noqa: BLE001 - one packet's bug must not end every call
+            self._internal_error(ts, exc)
+
+    def _internal_error(self, ts: float, exc: Exception) -> None:
+        """A bug met on one packet: count it, log it (rate-limited) and carry on."""
+        self.drops.drop("internal_error", ts, detail=f"{type(exc).__name__}: {exc}"[:300])
 
     def _rtp(self, ts: float, call_id: str, sender: str, dg: Datagram) -> None:
         payload = dg.payload
@@ -372,7 +379,12 @@ class Pipeline:
         for call_id, rec in self.recorders.items():
             if rec.last_rtp:
                 tracker.touch(call_id, rec.last_rtp)
-            rec.flush(now)
+            try:
+                rec.flush(now)
+            except (OSError, CallcapError) as exc:  # disk full, permissions: this call only
+                self.drops.drop(
+                    "spool_write_failed", now, call_uid=rec.call_uid, detail=str(exc)[:300]
+                )
         self._handle(tracker.expire(now))
         self.decoder.expire(now)
         self.tcp.expire(now)

@@ -426,3 +426,50 @@ def test_concurrent_calls_do_not_mix(tmp_path: Path, n_calls: int) -> None:
     for doc, audio in found:
         assert audio is not None
         assert np.array_equal(audio[:8000, 0], refs[doc["call_id"]])
+
+
+def test_a_bug_on_one_call_is_a_counted_drop_and_other_calls_are_unharmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Even an unexpected exception in one call's media path costs only that packet."""
+    import io
+
+    from callcap.capture.pcapfile import CaptureReader
+    from callcap.config.loader import load_config
+    from callcap.logs import configure_logging, get_logger
+    from callcap.pipeline import Pipeline
+    from callcap.recorder import CallRecorder
+
+    good = Call(call_id="good@test", caller_port=41000, callee_port=51000)
+    answer = good.setup(T0)
+    ref = decode_ulaw(good.stream(answer + 0.1, tone(600, 1.0), from_caller=True, ssrc=7))
+    good.bye(answer + 1.5)
+    bad = Call(call_id="bad@test", caller_port=42000, callee_port=52000)
+    answer = bad.setup(T0)
+    bad.stream(answer + 0.1, tone(800, 1.0), from_caller=True, ssrc=8)
+    bad.bye(answer + 1.5)
+    pcap = write_pcap(tmp_path / "c.pcap", good.records + bad.records)
+
+    original = CallRecorder.push
+
+    def flaky(
+        self: CallRecorder, ctx: Any, arrival: float, pt: int, seq: int, ts: int, payload: bytes
+    ) -> None:
+        if self.call.call_id == "bad@test":
+            raise RuntimeError("simulated bug")
+        original(self, ctx, arrival, pt, seq, ts, payload)
+
+    monkeypatch.setattr(CallRecorder, "push", flaky)
+    log = io.StringIO()
+    configure_logging("json", "info", stream=log)
+    pipeline = Pipeline(load_config(None), tmp_path / "out", get_logger())
+    with CaptureReader(pcap) as reader:
+        pipeline.run(reader)
+    pipeline.close("capture_end")
+    assert pipeline.drops.totals["internal_error"] == 50
+    docs = {doc["call_id"]: (doc, audio) for doc, audio in outputs(tmp_path)}
+    good_audio = docs["good@test"][1]
+    assert good_audio is not None and np.array_equal(good_audio[:8000, 0], ref)
+    assert docs["bad@test"][0]["end_reason"] == "bye_caller"
+    events = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert any(e["event"] == "packet_dropped" and e["reason"] == "internal_error" for e in events)
