@@ -26,10 +26,10 @@ import numpy.typing as npt
 
 from callcap import __version__
 from callcap.capture.dialog import Call
-from callcap.capture.media import format_endpoint, ip_text, other_side
+from callcap.capture.media import endpoint_text, ip_text, other_side
 from callcap.capture.sdp import STATIC_PAYLOAD_TYPES, MediaDescription, RtpMap
 from callcap.capture.stream import TIMELINE_RATE, RtpStream
-from callcap.codecs.dtmf import EVENT_DIGITS, DtmfDigit, EventTracker
+from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.config.schema import Config
 from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
@@ -506,8 +506,8 @@ class CallRecorder:
         dst_ip, dport = s.dst
         return {
             "side": s.side,
-            "src": _endpoint_text(src_ip, sport),
-            "dst": _endpoint_text(dst_ip, dport),
+            "src": endpoint_text(src_ip, sport),
+            "dst": endpoint_text(dst_ip, dport),
             "ssrc": f"0x{s.ssrc:08X}",
             "payload_type": main_pt,
             "payload_types": {str(pt): n for pt, n in sorted(st.payload_types.items())},
@@ -597,10 +597,6 @@ def _party(addr: Any) -> dict[str, str | None]:
     }
 
 
-def _endpoint_text(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
-
-
 def _unique_stem(stem: Path) -> Path:
     """Never overwrite a published recording: the same call recorded twice gets a suffix."""
     candidate = stem
@@ -611,4 +607,4 @@ def _unique_stem(stem: Path) -> Path:
     return candidate
 
 
-__all__ = ["CHANNELS", "EVENT_DIGITS", "CallRecorder", "Published", "format_endpoint"]
+__all__ = ["CHANNELS", "CallRecorder", "Published"]

@@ -38,9 +38,12 @@ def pack_ip(address: str) -> bytes | None:
 
 def format_endpoint(ip: bytes, port: int) -> str:
     """``ip:port`` with IPv6 in brackets (RFC 3986 §3.2.2 style), for sidecars and logs."""
-    if len(ip) == 16:
-        return f"[{socket.inet_ntop(socket.AF_INET6, ip)}]:{port}"
-    return f"{socket.inet_ntop(socket.AF_INET, ip)}:{port}"
+    return endpoint_text(ip_text(ip), port)
+
+
+def endpoint_text(ip: str, port: int) -> str:
+    """:func:`format_endpoint` for an address already in text form."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def ip_text(ip: bytes) -> str:
