@@ -47,6 +47,21 @@ _RAW_TYPES: Final = frozenset({DLT_RAW, DLT_RAW_12, DLT_RAW_14})
 _MAX_TAGS: Final = 8
 
 
+def _skip_vlan_tags(buf: bytes, off: int, etype: int) -> tuple[int, int]:
+    """Walk 802.1Q/802.1ad tags from ``off``: the inner EtherType and its offset."""
+    n = len(buf)
+    tags = 0
+    while etype in VLAN_TAGS:
+        tags += 1
+        if tags > _MAX_TAGS:
+            raise ParseError("link_bad_header", f"more than {_MAX_TAGS} VLAN tags")
+        if off + 4 > n:
+            raise _short("VLAN tag", 4, n - off)
+        (etype,) = _U16.unpack_from(buf, off + 2)
+        off += 4
+    return etype, off
+
+
 def _short(what: str, need: int, have: int) -> ParseError:
     return ParseError("link_truncated", f"{what}: need {need} bytes, frame has {have}")
 
@@ -77,15 +92,7 @@ def ethernet(buf: bytes, off: int) -> tuple[int, int]:
         raise _short("Ethernet header", 14, n - off)
     (etype,) = _U16.unpack_from(buf, off + 12)
     off += 14
-    tags = 0
-    while etype in VLAN_TAGS:
-        tags += 1
-        if tags > _MAX_TAGS:
-            raise ParseError("link_bad_header", f"more than {_MAX_TAGS} VLAN tags")
-        if off + 4 > n:
-            raise _short("VLAN tag", 4, n - off)
-        (etype,) = _U16.unpack_from(buf, off + 2)
-        off += 4
+    etype, off = _skip_vlan_tags(buf, off, etype)
     if etype < 0x0600:  # IEEE 802.3 length field: LLC follows
         if buf[off : off + 3] == b"\xaa\xaa\x03" and off + 8 <= n:  # SNAP
             (etype,) = _U16.unpack_from(buf, off + 6)
@@ -189,17 +196,8 @@ def _sll_proto(proto: int, frame: bytes, off: int) -> tuple[int, int]:
     """The SLL protocol field is an EtherType, except values < 0x0600 (802.3/LLC payloads)."""
     if proto < 0x0600:
         return NON_IP, off
-    if proto in VLAN_TAGS:  # tag not stripped by the kernel: re-enter as an Ethernet tag stack
-        n = len(frame)
-        tags = 0
-        while proto in VLAN_TAGS:
-            tags += 1
-            if tags > _MAX_TAGS:
-                raise ParseError("link_bad_header", f"more than {_MAX_TAGS} VLAN tags")
-            if off + 4 > n:
-                raise _short("VLAN tag", 4, n - off)
-            (proto,) = _U16.unpack_from(frame, off + 2)
-            off += 4
+    # a VLAN tag the kernel did not strip: walk it as an Ethernet tag stack
+    proto, off = _skip_vlan_tags(frame, off, proto)
     if proto in (ETH_MPLS, ETH_MPLS_MC):
         return mpls(frame, off)
     if proto == ETH_PPPOE_SESSION:
