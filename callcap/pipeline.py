@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from callcap.capture.decode import Datagram, PacketDecoder
 from callcap.capture.dialog import (
     CallAnswered,
@@ -32,11 +34,13 @@ from callcap.capture.dialog import (
 from callcap.capture.media import MediaRouter, ip_text, pack_ip
 from callcap.capture.rtp import parse_rtp
 from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
+from callcap.capture.stream import place_runs
 from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
-from callcap.recorder import CallRecorder, Published
+from callcap.recorder import CallRecorder, Publication, Published
+from callcap.storage.publish import BackgroundPublisher
 
 UDP = 17
 TCP = 6
@@ -48,9 +52,23 @@ _FAST_ETH_IP4 = b"\x08\x00\x45"  # Ethernet type IPv4, then version 4 with a 20-
 class _FastFlow:
     """A UDP flow already known to carry one call's RTP: Ethernet/IPv4 frames of it skip the
     general decoders.  Built by the general path on the first packet, dropped whenever
-    media routes change, so it can never disagree with the router."""
+    media routes change, so it can never disagree with the router.
 
-    __slots__ = ("contexts", "dport", "dst", "recorder", "sender", "sport", "src")
+    Frames of the flow wait in ``frames``/``arrivals`` (at most one tick of capture time, or
+    :data:`_MAX_RUN` frames) and are then decoded and placed as one run with numpy.
+    """
+
+    __slots__ = (
+        "arrivals",
+        "contexts",
+        "dport",
+        "dst",
+        "frames",
+        "recorder",
+        "sender",
+        "sport",
+        "src",
+    )
 
     def __init__(self, recorder: CallRecorder, sender: str, dg: Datagram) -> None:
         self.recorder = recorder
@@ -60,6 +78,54 @@ class _FastFlow:
         self.dst = dg.dst
         self.dport = dg.dport
         self.contexts: dict[int, Any] = {}
+        self.frames: list[bytes] = []
+        self.arrivals: list[float] = []
+
+
+@dataclass(slots=True)
+class _Run:
+    """A fast-lane flow's queue, about to be placed as one run of one stream."""
+
+    flow: _FastFlow
+    arrivals: list[float]
+    frames: list[bytes]
+    ctx: Any
+    pt: int
+    end: int  # payload end offset in each frame
+    decoder: Any
+
+
+_MAX_RUN = 512
+
+_RUN_ATTEMPTS = 4
+"""Rounds of run placement per drain: a run broken by loss or reordering is split at the
+break and its rest tried again, up to this many times; then the rest goes packet by packet."""
+
+
+def _break_of(run: _Run) -> int:
+    """Index of the first frame of a turned-down run that does not continue the sequence
+    (the stream's last packet, then each frame's predecessor); the whole run if none does."""
+    expected = run.ctx.stream.next_seq
+    for i, frame in enumerate(run.frames):
+        seq = (frame[44] << 8) | frame[45]
+        if seq != expected:
+            return i
+        expected = (seq + 1) & 0xFFFF
+    return len(run.frames)
+
+
+"""Frames a fast-lane flow queues before they are processed (bounds the memory of a flow
+whose capture clock stalls, so that no tick comes)."""
+
+# A run of equal-length Ethernet/IPv4(20 bytes)/UDP/RTP(12 bytes) frames of one flow: the
+# bytes that must not change along it (IP total length, UDP length, RTP version/flags, SSRC),
+# the first frame's fields, and the sequence number and timestamp read in place.
+_RUN_FIXED_BYTES = np.array([16, 17, 38, 39, 42, 50, 51, 52, 53])
+_RUN_HEADER_FIRST = struct.Struct("!H20xHxxBBHII")  # from frame byte 16
+_RUN_HEADER = np.dtype(
+    {"names": ["seq", "ts"], "formats": [">u2", ">u4"], "offsets": [2, 4], "itemsize": 12}
+)
+_RTP_PAYLOAD_AT = 54  # 14 Ethernet + 20 IPv4 + 8 UDP + 12 RTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +169,8 @@ class Pipeline:
         self.counters: Counter[str] = Counter()
         self._framers: dict[tuple[bytes, int, bytes, int], SipStreamFramer] = {}
         self._flows: dict[bytes, _FastFlow] = {}
+        self._queued: list[_FastFlow] = []  # flows with frames waiting in the fast lane
+        self._publisher: BackgroundPublisher[Publication, Published] = BackgroundPublisher()
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
         self._interval = config.rtp.flush_interval_ms / 1000.0
@@ -122,57 +190,217 @@ class Pipeline:
         """Feed many frames: the same as ``feed`` for each, with a fast lane for known RTP.
 
         An Ethernet/IPv4/UDP frame (no IP options, not a fragment) whose addresses and ports
-        are a flow the general path has already tied to a call goes straight to that call's
-        stream: one slice as the dictionary key, one header unpack.  Anything else, and any
-        frame due to trigger a tick, takes ``feed``.
+        are a flow the general path has already tied to a call is only queued on that flow
+        (one slice as the dictionary key); the flow's queue is placed as a whole run before
+        anything that could depend on it: a tick, a general-path packet of the same flow, a
+        change of routes, the end of the call, and the end of ``run``.
         """
         flows = self._flows
+        queued = self._queued
         feed = self.feed
-        unpack_rtp = _RTP_FIXED.unpack_from
-        frames_n = 0
-        bytes_n = 0
         now = self.now
-        for ts, linktype, frame in frames:
-            if (
-                linktype == 1
-                and ts < self._next_tick
-                and frame[12:15] == _FAST_ETH_IP4
-                and frame[23] == UDP
-                and not (frame[20] & 0x3F or frame[21])
-            ):
-                flow = flows.get(frame[26:38])
-                if flow is not None:
-                    # the UDP length bounds the payload; the IP length bounds the UDP length
-                    end = 34 + ((frame[38] << 8) | frame[39])
-                    ip_end = 14 + ((frame[16] << 8) | frame[17])
-                    b0 = frame[42] if len(frame) > 54 else 0
-                    b1 = frame[43] if b0 else 0
+        next_tick = self._next_tick
+        try:
+            for ts, linktype, frame in frames:
+                if linktype == 1 and ts < next_tick:
+                    flow = flows.get(frame[26:38])
                     if (
-                        b0 == 0x80
-                        and 54 < end <= ip_end <= len(frame)
-                        and not 72 <= (b1 & 0x7F) <= 76
+                        flow is not None
+                        and frame[12:15] == _FAST_ETH_IP4
+                        and frame[23] == UDP
+                        and not (frame[20] & 0x3F or frame[21])
                     ):
-                        frames_n += 1
-                        bytes_n += len(frame)
                         if ts > now:
-                            now = self.now = ts
-                        seq, rts, ssrc = unpack_rtp(frame, 44)
-                        ctx = flow.contexts.get(ssrc)
-                        rec = flow.recorder
-                        if ctx is None:
-                            ctx = flow.contexts[ssrc] = rec.stream_for(
-                                flow.sender, flow.src, flow.sport, flow.dst, flow.dport, ssrc, ts
-                            )
-                        self.rtp_packets += 1
-                        try:
-                            rec.push(ctx, ts, b1 & 0x7F, seq, rts, frame[54:end])
-                        except Exception as exc:  # noqa: BLE001 - as in feed: isolate one packet
-                            self._internal_error(ts, exc)
+                            now = ts
+                        batch = flow.frames
+                        if not batch:
+                            queued.append(flow)
+                        batch.append(frame)
+                        flow.arrivals.append(ts)
+                        if len(batch) >= _MAX_RUN:
+                            self._drain(flow)
                         continue
-            feed(ts, linktype, frame)
-            now = self.now
-        self.frames += frames_n
-        self.bytes += bytes_n
+                self.now = now
+                feed(ts, linktype, frame)
+                now = self.now
+                next_tick = self._next_tick
+        finally:
+            if now > self.now:
+                self.now = now
+            self._drain_all()
+
+    def _drain_all(self) -> None:
+        queued = self._queued  # the very list ``run`` appends to
+        if queued:
+            flows = queued[:]
+            queued.clear()
+            self._drain_flows(flows)
+
+    def _drain(self, flow: _FastFlow) -> None:
+        if flow.frames:
+            self._drain_flows([flow])
+
+    def _drain_flows(self, flows: list[_FastFlow]) -> None:
+        """Account, place and queue for writing every frame the fast lane holds for ``flows``.
+
+        Flows whose queue is a clean run of one stream (equal-size plain RTP frames, one
+        SSRC and payload type, audio of an anchored stream) are grouped by frame layout and
+        placed together by :func:`place_runs`; every other frame, and every run it turns
+        down, goes packet by packet.
+        """
+        groups: dict[tuple[int, int], list[_Run]] = {}
+        single: list[tuple[_FastFlow, list[float], list[bytes]]] = []
+        seen: set[int] = set()
+        for flow in flows:
+            frames = flow.frames
+            if not frames or id(flow) in seen:
+                continue
+            seen.add(id(flow))
+            arrivals = flow.arrivals
+            flow.frames = []
+            flow.arrivals = []
+            self.frames += len(frames)
+            self.bytes += sum(map(len, frames))
+            run = self._run_of(flow, arrivals, frames)
+            if run is None:
+                single.append((flow, arrivals, frames))
+            else:
+                groups.setdefault((len(frames[0]), run.end), []).append(run)
+        for flow, arrivals, frames in single:
+            for ts, frame in zip(arrivals, frames, strict=True):
+                self._fast_frame(flow, ts, frame)
+        for attempt in range(_RUN_ATTEMPTS):
+            retry: dict[tuple[int, int], list[_Run]] = {}
+            for (size, end), runs in groups.items():
+                try:
+                    rejected = self._place_group(size, end, runs)
+                except Exception as exc:  # noqa: BLE001 - isolate, then go packet by packet
+                    self._internal_error(runs[0].arrivals[-1], exc)
+                    rejected = runs
+                for run in rejected:
+                    # Up to the first packet that does not continue the sequence (loss,
+                    # reordering, a duplicate) packet by packet; the rest is tried again.
+                    cut = len(run.frames) if attempt == _RUN_ATTEMPTS - 1 else _break_of(run)
+                    for ts, frame in zip(
+                        run.arrivals[: cut + 1], run.frames[: cut + 1], strict=False
+                    ):
+                        self._fast_frame(run.flow, ts, frame)
+                    if cut + 2 < len(run.frames):
+                        rest = _Run(
+                            run.flow,
+                            run.arrivals[cut + 1 :],
+                            run.frames[cut + 1 :],
+                            run.ctx,
+                            run.pt,
+                            run.end,
+                            run.decoder,
+                        )
+                        retry.setdefault((size, end), []).append(rest)
+                    else:
+                        for ts, frame in zip(
+                            run.arrivals[cut + 1 :], run.frames[cut + 1 :], strict=True
+                        ):
+                            self._fast_frame(run.flow, ts, frame)
+            if not retry:
+                break
+            groups = retry
+
+    def _run_of(self, flow: _FastFlow, arrivals: list[float], frames: list[bytes]) -> _Run | None:
+        """What a flow's queue would be as one run, judged on its first frame; None if it
+        cannot be one (the rest is checked over the whole group in ``_place_group``)."""
+        size = len(frames[0])
+        if size <= _RTP_PAYLOAD_AT or len(set(map(len, frames))) != 1:
+            return None
+        ip_len, udp_len, b0, b1, _seq, _ts, ssrc = _RUN_HEADER_FIRST.unpack_from(frames[0], 16)
+        end = 34 + udp_len
+        pt = b1 & 0x7F
+        if not (b0 == 0x80 and _RTP_PAYLOAD_AT < end <= 14 + ip_len <= size) or 72 <= pt <= 76:
+            return None  # not plain RTP (RTCP-mux, CSRCs, padding…): the general path decides
+        ctx = flow.contexts.get(ssrc)
+        if ctx is None:
+            return None  # a new stream starts packet by packet
+        decoder = flow.recorder.audio_decoder(ctx, pt)
+        if decoder is None:
+            return None
+        return _Run(flow, arrivals, frames, ctx, pt, end, decoder)
+
+    def _place_group(self, size: int, end: int, runs: list[_Run]) -> list[_Run]:
+        """Place runs of ``size``-byte frames with payload up to ``end``; the runs turned down."""
+        frames = [frame for run in runs for frame in run.frames]
+        arrivals = np.array([ts for run in runs for ts in run.arrivals], dtype=np.float64)
+        lengths = np.array([len(run.frames) for run in runs], dtype=np.int64)
+        starts = np.zeros(len(runs), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        data = b"".join(frames)
+        rows = np.frombuffer(data, dtype=np.uint8).reshape(len(frames), size)
+        sid = np.repeat(np.arange(len(runs)), lengths)
+        # IP and UDP lengths, RTP flags and SSRC as in the run's first frame; one payload type
+        fixed = rows[:, _RUN_FIXED_BYTES]
+        odd = (fixed != fixed[starts][sid]).any(axis=1)
+        odd |= (rows[:, 43] & 0x7F) != np.array([run.pt for run in runs], dtype=np.uint8)[sid]
+        usable = np.bincount(sid[odd], minlength=len(runs)) == 0
+        hdr = np.ndarray((len(frames),), dtype=_RUN_HEADER, buffer=data, offset=42, strides=(size,))
+        psize = end - _RTP_PAYLOAD_AT
+        placed = place_runs(
+            [run.ctx.stream for run in runs],
+            starts,
+            arrivals,
+            hdr["seq"].astype(np.uint16),
+            hdr["ts"].astype(np.uint32),
+            [run.pt for run in runs],
+            [psize] * len(runs),
+            usable,
+        )
+        payload = rows[:, _RTP_PAYLOAD_AT:end].tobytes()
+        rejected: list[_Run] = []
+        for run, positions, first in zip(runs, placed, starts.tolist(), strict=True):
+            if positions is None:
+                rejected.append(run)
+                continue
+            n = len(run.frames)
+            self.rtp_packets += n
+            self.counters["rtp_placed_in_runs"] += n
+            try:
+                run.flow.recorder.queue_run(
+                    run.ctx,
+                    positions,
+                    payload[first * psize : (first + n) * psize],
+                    psize,
+                    run.decoder,
+                    run.arrivals[-1],
+                )
+            except Exception as exc:  # noqa: BLE001 - one call's bug stays in that call
+                self._internal_error(run.arrivals[-1], exc)
+        return rejected
+
+    def _fast_frame(self, flow: _FastFlow, ts: float, frame: bytes) -> None:
+        """One queued frame: straight to its stream if it is plain RTP, else the general path."""
+        # the UDP length bounds the payload; the IP length bounds the UDP length
+        end = 34 + ((frame[38] << 8) | frame[39])
+        ip_end = 14 + ((frame[16] << 8) | frame[17])
+        b0 = frame[42] if len(frame) > _RTP_PAYLOAD_AT else 0
+        b1 = frame[43] if b0 else 0
+        if not (
+            b0 == 0x80
+            and _RTP_PAYLOAD_AT < end <= ip_end <= len(frame)
+            and not 72 <= (b1 & 0x7F) <= 76
+        ):
+            self.frames -= 1
+            self.bytes -= len(frame)
+            self.feed(ts, 1, frame)  # counts the frame again
+            return
+        seq, rts, ssrc = _RTP_FIXED.unpack_from(frame, 44)
+        ctx = flow.contexts.get(ssrc)
+        rec = flow.recorder
+        try:
+            if ctx is None:
+                ctx = flow.contexts[ssrc] = rec.stream_for(
+                    flow.sender, flow.src, flow.sport, flow.dst, flow.dport, ssrc, ts
+                )
+            self.rtp_packets += 1
+            rec.push(ctx, ts, b1 & 0x7F, seq, rts, frame[_RTP_PAYLOAD_AT:end])
+        except Exception as exc:  # noqa: BLE001 - as in feed: isolate one packet
+            self._internal_error(ts, exc)
 
     def feed(self, ts: float, linktype: int, frame: bytes) -> None:
         """One captured frame (link-layer bytes) at capture time ``ts``."""
@@ -219,11 +447,16 @@ class Pipeline:
             self.counters["rtp_for_ended_call"] += 1
             return
         pt, _marker, seq, rts, ssrc, _cc, body = parse_rtp(payload)
+        key = None
+        if len(dg.src) == 4:
+            key = dg.src + dg.dst + dg.sport.to_bytes(2, "big") + dg.dport.to_bytes(2, "big")
+            flow = self._flows.get(key)
+            if flow is not None:
+                self._drain(flow)  # its queued packets came first
         self.rtp_packets += 1
         recorder.on_rtp(ts, sender, dg.src, dg.sport, dg.dst, dg.dport, pt, seq, rts, ssrc, body)
-        if len(dg.src) == 4 and len(self._flows) < 4 * self.config.calls.max_active_calls:
-            key = dg.src + dg.dst + dg.sport.to_bytes(2, "big") + dg.dport.to_bytes(2, "big")
-            self._flows[key] = _FastFlow(recorder, sender, dg)
+        if key is not None and len(self._flows) < 4 * self.config.calls.max_active_calls:
+            self._flows.setdefault(key, _FastFlow(recorder, sender, dg))
 
     # -- SIP --------------------------------------------------------------------------------------
 
@@ -303,6 +536,9 @@ class Pipeline:
         rec = self.recorders.get(call_id)
         if rec is None:
             return
+        for flow in list(self._flows.values()):
+            if flow.recorder is rec:
+                self._drain(flow)  # placed under the media description they arrived with
         announced: set[tuple[bytes, int]] = set()
         for md in event.sdp.audio():
             rec.set_media(event.side, md)
@@ -324,57 +560,76 @@ class Pipeline:
         )
 
     def _forget_flows(self, stale: Callable[[_FastFlow], bool]) -> None:
-        """Drop fast-lane flows in place (``run`` holds a reference to this very dict)."""
+        """Drop fast-lane flows in place (``run`` holds a reference to this very dict), after
+        placing the frames they hold."""
         flows = self._flows
         for key in [key for key, flow in flows.items() if stale(flow)]:
-            del flows[key]
+            self._drain(flows.pop(key))
 
     def _end(self, event: CallEnded) -> None:
         call = event.call
         rec = self.recorders.pop(call.call_id, None)
-        self.router.forget_call(call.call_id)
         if rec is not None:
             self._forget_flows(lambda flow: flow.recorder is rec)
+        self.router.forget_call(call.call_id)
         if rec is None:
             return
         end = call.end if call.end is not None else event.ts
         try:
-            published = rec.finish(end)
+            publication = rec.prepare(end)
         except (OSError, CallcapError) as exc:
             rec.discard()
-            self.log.error(
-                "recording_failed",
-                call_uid=rec.call_uid,
-                error=str(exc)[:500],
-                exc_type=type(exc).__name__,
-            )
+            self._failed(rec.call_uid, exc)
             return
-        doc = published.document
+        doc = publication.doc
         self.log.info(
             "call_ended",
             call_uid=rec.call_uid,
             end_reason=doc["end_reason"],
             duration_s=doc["duration_s"],
         )
-        if published.wav is not None:
-            self.recordings += 1
-            self.log.info(
-                "recording_written",
-                call_uid=rec.call_uid,
-                path=str(published.wav.path),
-                sidecar=str(published.sidecar),
-                bytes=published.wav.size,
-                sha256=published.wav.sha256,
-                duration_s=doc["audio"]["duration_s"],
-            )
-        if self.on_published is not None:
-            self.on_published(published)
+        if publication.writer is None and not publication.write_sidecar:
+            return  # nothing to publish (a failed call)
+        self._publisher.submit(publication, publication.publish)
+        self._published(self._publisher.completed())
+
+    def _failed(self, call_uid: str, exc: Exception) -> None:
+        self.log.error(
+            "recording_failed", call_uid=call_uid, error=str(exc)[:500], exc_type=type(exc).__name__
+        )
+
+    def _published(self, outcomes: list[tuple[Publication, Published | Exception]]) -> None:
+        """Log (and hand on) what the publisher finished, in the order calls ended."""
+        for publication, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                if not isinstance(outcome, OSError | CallcapError):
+                    self._internal_error(self.now, outcome)
+                self._failed(publication.call_uid, outcome)
+                continue
+            if outcome.wav is not None:
+                self.recordings += 1
+                self.log.info(
+                    "recording_written",
+                    call_uid=outcome.call_uid,
+                    path=str(outcome.wav.path),
+                    sidecar=str(outcome.sidecar),
+                    bytes=outcome.wav.size,
+                    sha256=outcome.wav.sha256,
+                    duration_s=outcome.document["audio"]["duration_s"],
+                )
+            if self.on_published is not None:
+                self.on_published(outcome)
+
+    def settle(self) -> None:
+        """Wait until every ended call's files are published (and logged)."""
+        self._published(self._publisher.completed(wait=True))
 
     # -- time -------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
         """Once per flush interval of capture time: write audio blocks, end idle calls."""
         self._next_tick = now + self._interval
+        self._drain_all()
         tracker = self.tracker
         for call_id, rec in self.recorders.items():
             if rec.last_rtp:
@@ -386,6 +641,7 @@ class Pipeline:
                     "spool_write_failed", now, call_uid=rec.call_uid, detail=str(exc)[:300]
                 )
         self._handle(tracker.expire(now))
+        self._published(self._publisher.completed())
         self.decoder.expire(now)
         self.tcp.expire(now)
         if len(self._framers) > 4 * self.config.calls.max_active_calls:
@@ -401,6 +657,7 @@ class Pipeline:
             if rec.last_rtp:
                 self.tracker.touch(call_id, rec.last_rtp)
         self._handle(self.tracker.close_all(reason, when))
+        self.settle()
         self.drops.flush(when)
 
     def warn_active(self, code: str, detail: str) -> None:

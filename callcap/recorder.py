@@ -33,7 +33,13 @@ from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.config.schema import Config
 from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
-from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
+from callcap.storage.publish import (
+    PublishedFile,
+    publish_file,
+    release_stem,
+    reserve_stem,
+    write_json_atomic,
+)
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
 from callcap.storage.wav import WavWriter
 
@@ -73,6 +79,47 @@ class Published:
     sidecar: Path | None
     wav: PublishedFile | None
     document: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Publication:
+    """A finished call's files, ready to be published: the spool WAV of ``writer`` (None
+    when no audio is kept) is closed and goes to ``stem.wav``, then ``doc`` to ``stem.json``."""
+
+    call_uid: str
+    writer: WavWriter | None
+    stem: Path
+    doc: dict[str, Any]
+    write_sidecar: bool
+    file_mode: int
+    dir_mode: int
+
+    def publish(self) -> Published:
+        """Audio first, sidecar last (with the audio's hash); thread-safe, runs once."""
+        try:
+            wav: PublishedFile | None = None
+            if self.writer is not None:
+                self.writer.close()  # libsndfile's close fsyncs: off the packet path
+                self.doc["audio"]["format"] = self.writer.format
+                wav = publish_file(
+                    self.writer.path,
+                    self.stem.with_suffix(".wav"),
+                    file_mode=self.file_mode,
+                    dir_mode=self.dir_mode,
+                )
+                self.doc["audio"]["sha256"] = wav.sha256
+                self.doc["audio"]["bytes"] = wav.size
+            sidecar: Path | None = None
+            if self.write_sidecar:
+                sidecar = write_json_atomic(
+                    self.stem.with_suffix(".json"),
+                    self.doc,
+                    file_mode=self.file_mode,
+                    dir_mode=self.dir_mode,
+                ).path
+            return Published(self.call_uid, sidecar, wav, self.doc)
+        finally:
+            release_stem(self.stem)
 
 
 class CallRecorder:
@@ -200,6 +247,40 @@ class CallRecorder:
             # are counted but never decoded into noise.
             stream.push(arrival, seq, ts, pt, 0)
 
+    def audio_decoder(self, ctx: _StreamContext, pt: int) -> Decoder | None:
+        """The decoder of payload type ``pt`` on this stream, if it is decoded audio."""
+        kind = ctx.kinds.get(pt)
+        if kind is None:
+            kind = ctx.kinds[pt] = self._classify(ctx.stream.side, pt, ctx)
+        return kind[2] if kind[0] is PayloadKind.AUDIO else None
+
+    def queue_run(
+        self,
+        ctx: _StreamContext,
+        positions: npt.NDArray[np.int64],
+        payload: bytes,
+        size: int,
+        decoder: Decoder,
+        last_arrival: float,
+    ) -> None:
+        """Queue a run of audio packets already placed on the timeline (see
+        :func:`~callcap.capture.stream.place_runs`): ``size`` bytes each, back to back in
+        ``payload``.  Back-to-back positions (no loss, no clock slip) make one queue item."""
+        self.last_rtp = last_arrival
+        written = self.written
+        first = int(positions[0])
+        if first >= written and (
+            len(positions) == 1 or bool((positions[1:] - positions[:-1] == size).all())
+        ):
+            ctx.pending.append((first, payload, decoder))
+            return
+        for i, pos in enumerate(positions.tolist()):
+            if pos < written:
+                ctx.late += 1
+                self._gap(ctx.stream.side, pos, pos + size)
+            else:
+                ctx.pending.append((pos, payload[i * size : (i + 1) * size], decoder))
+
     # -- time -----------------------------------------------------------------------------------
 
     def flush(self, now: float) -> None:
@@ -217,6 +298,11 @@ class CallRecorder:
 
     def finish(self, end: float) -> Published:
         """Drain everything, close the spool file and publish (or discard) the recording."""
+        return self.prepare(end).publish()
+
+    def prepare(self, end: float) -> Publication:
+        """Drain everything and close the spool file: what is left to do is disk work only
+        (:meth:`Publication.publish`), which may run on another thread."""
         call = self.call
         for ctx in self.streams.values():
             ctx.stream.finish()
@@ -234,38 +320,35 @@ class CallRecorder:
                 horizon = max(horizon, self.written + len(self._carry))
             self._write_until(horizon)
         keep_audio = call.answer is not None
-        wav: PublishedFile | None = None
-        stem = recording_stem(self.out_dir, call.start, self.call_uid)
-        stem = _unique_stem(stem)
+        write_sidecar = keep_audio or self.config.recording.record_failed_calls
+        writer: WavWriter | None = None
+        audio_format, frames = "WAV", 0
         if keep_audio:
-            part = self._ensure_writer() if self._writer is None else self._part
-            assert part is not None
-            assert self._writer is not None
-            self._writer.close()
-            audio_format = self._writer.format
-            frames = self._writer.frames
-            wav = publish_file(
-                part,
-                stem.with_suffix(".wav"),
-                file_mode=self.config.recording.file_mode,
-                dir_mode=self.config.recording.dir_mode,
-            )
+            if self._writer is None:
+                self._ensure_writer()
+            writer = self._writer
+            assert writer is not None
+            audio_format = writer.format
+            frames = writer.frames
             if self.origin is None:
                 self.warn("no_media", "the call was answered but no RTP of it was captured")
+            self._writer = None  # the publication owns it now
+            self._part = None
         else:
             self.discard()
-            audio_format, frames = "WAV", 0
-        doc = self._sidecar(wav, audio_format, frames, stem.with_suffix(".wav").name)
-        sidecar: Path | None = None
-        if keep_audio or self.config.recording.record_failed_calls:
-            published = write_json_atomic(
-                stem.with_suffix(".json"),
-                doc,
-                file_mode=self.config.recording.file_mode,
-                dir_mode=self.config.recording.dir_mode,
-            )
-            sidecar = published.path
-        return Published(self.call_uid, sidecar, wav, doc)
+        stem = recording_stem(self.out_dir, call.start, self.call_uid)
+        if keep_audio or write_sidecar:
+            stem = reserve_stem(stem)
+        doc = self._sidecar(keep_audio, audio_format, frames, stem.with_suffix(".wav").name)
+        return Publication(
+            self.call_uid,
+            writer,
+            stem,
+            doc,
+            write_sidecar=write_sidecar,
+            file_mode=self.config.recording.file_mode,
+            dir_mode=self.config.recording.dir_mode,
+        )
 
     def discard(self) -> None:
         """Drop the spool file (failed call, or audio that must not be kept)."""
@@ -415,15 +498,17 @@ class CallRecorder:
         self.written = horizon
 
     def _sidecar(
-        self, wav: PublishedFile | None, audio_format: str, frames: int, file_name: str
+        self, keep_audio: bool, audio_format: str, frames: int, file_name: str
     ) -> dict[str, Any]:
+        """The sidecar document; the audio's ``sha256`` and ``bytes`` are filled in when the
+        WAV is published."""
         call = self.call
         end = call.end if call.end is not None else call.last_activity
         cfg = self.config
         consent_mode = cfg.consent.default.mode
         keep = cfg.retention.default.keep
         audio: dict[str, Any] | None = None
-        if wav is not None:
+        if keep_audio:
             audio = {
                 "file": file_name,
                 "format": audio_format,
@@ -435,8 +520,8 @@ class CallRecorder:
                 "start": iso_utc(
                     self.origin if self.origin is not None else (call.answer or call.start)
                 ),
-                "sha256": wav.sha256,
-                "bytes": wav.size,
+                "sha256": None,
+                "bytes": None,
             }
         streams = [
             self._stream_doc(ctx)
@@ -552,12 +637,13 @@ def _decode_groups(items: list[tuple[int, bytes, Decoder]], start: int) -> list[
         data = b"".join(pay_t)
         samples = decoder(data)
         size = len(pay_t[0])
-        first_pos, last_pos = pos_t[0] - start, pos_t[-1] - start
+        first_pos = pos_t[0] - start
         uniform = size and len(data) == size * len(pay_t)
-        if uniform and first_pos >= 0 and last_pos - first_pos == size * (len(pay_t) - 1):
+        if first_pos >= 0 and pos_t[-1] - pos_t[0] == len(data) - len(pay_t[-1]):
+            lens = np.fromiter(map(len, pay_t), dtype=np.int64, count=len(pay_t))
             rel = np.array(pos_t, dtype=np.int64)
-            if len(rel) < 2 or bool((rel[1:] - rel[:-1] == size).all()):
-                # back-to-back packets in order (the usual case): one slice, no index array
+            if len(rel) < 2 or bool((rel[1:] - rel[:-1] == lens[:-1]).all()):
+                # back-to-back stretches in order (the usual case): one slice, no index array
                 out.append((decoder, slice(first_pos, first_pos + len(data)), samples))
                 continue
         rel = np.array(pos_t, dtype=np.int64) - start
@@ -597,14 +683,4 @@ def _party(addr: Any) -> dict[str, str | None]:
     }
 
 
-def _unique_stem(stem: Path) -> Path:
-    """Never overwrite a published recording: the same call recorded twice gets a suffix."""
-    candidate = stem
-    n = 1
-    while candidate.with_suffix(".wav").exists() or candidate.with_suffix(".json").exists():
-        candidate = stem.with_name(f"{stem.name}-{n}")
-        n += 1
-    return candidate
-
-
-__all__ = ["CHANNELS", "CallRecorder", "Published"]
+__all__ = ["CHANNELS", "CallRecorder", "Publication", "Published"]

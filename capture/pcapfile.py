@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # header claiming more is corruption.  There is no way to resynchronise on the next record
 # (records carry no marker), so reading stops there with ``truncated`` set.
 MAX_RECORD = 262_144
+_READ_SIZE = 1 << 20
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _PCAPNG_MAGIC: Final = b"\x0a\x0d\x0d\x0a"
@@ -134,27 +135,38 @@ class CaptureReader:
         return self._iter_pcap(self._file)
 
     def _iter_pcap(self, f: IO[bytes]) -> Iterator[Frame]:
+        """Records sliced out of large reads: two small reads per packet cost more than the
+        whole rest of the loop."""
         order, div, reclen = self._layout
-        unpack = _RECORD[order, reclen].unpack
+        unpack_from = _RECORD[order, reclen].unpack_from
         read = f.read
         linktype = self.linktype or 0
         n = 0
+        buf = b""
+        pos = end = 0
         try:
             while True:
-                header = read(reclen)
-                if len(header) < reclen:
-                    self.truncated = bool(header)
+                if pos + reclen <= end:
+                    sec, frac, caplen, _wirelen = unpack_from(buf, pos)
+                    if caplen > MAX_RECORD:
+                        self.truncated = True
+                        return
+                    start = pos + reclen
+                    stop = start + caplen
+                    if stop <= end:
+                        pos = stop
+                        n += 1
+                        yield sec + frac / div, linktype, buf[start:stop]
+                        continue
+                    need = stop - end
+                else:
+                    need = reclen - (end - pos)
+                more = read(max(_READ_SIZE, need))
+                if not more:
+                    self.truncated = pos < end  # a record cut short by the end of the file
                     return
-                sec, frac, caplen, _wirelen = unpack(header)
-                if caplen > MAX_RECORD:
-                    self.truncated = True
-                    return
-                data = read(caplen)
-                if len(data) < caplen:
-                    self.truncated = True
-                    return
-                n += 1
-                yield sec + frac / div, linktype, data
+                buf = buf[pos:] + more if pos < end else more
+                pos, end = 0, len(buf)
         except (EOFError, zlib.error):
             # gzip stream cut short or corrupt: the compressed equivalent of a cut file.
             self.truncated = True

@@ -12,13 +12,23 @@ import hashlib
 import json
 import os
 import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from callcap.errors import StorageError
 from callcap.storage.layout import ensure_dir
 
 _BLOCK = 1 << 20
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+_reserved: set[Path] = set()
+_reserved_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,3 +110,69 @@ def write_json_atomic(
             tmp.unlink()
         raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
     return PublishedFile(final, len(data), hashlib.sha256(data).hexdigest())
+
+
+def reserve_stem(stem: Path, suffixes: tuple[str, ...] = (".wav", ".json")) -> Path:
+    """A file stem no published file and no publication in progress uses: ``stem``, else
+    ``stem-1``, ``stem-2`` … (the same call recorded twice).  Release it with
+    :func:`release_stem` once its files are published (or given up)."""
+    with _reserved_lock:
+        candidate = stem
+        n = 1
+        while candidate in _reserved or any(
+            candidate.with_suffix(suffix).exists() for suffix in suffixes
+        ):
+            candidate = stem.with_name(f"{stem.name}-{n}")
+            n += 1
+        _reserved.add(candidate)
+        return candidate
+
+
+def release_stem(stem: Path) -> None:
+    with _reserved_lock:
+        _reserved.discard(stem)
+
+
+class BackgroundPublisher(Generic[K, T]):
+    """Runs publication jobs (fsync, hash, rename, sidecar) on worker threads.
+
+    Publishing a recording is mostly waiting for the disk: an fsync of the audio, of the
+    sidecar and of their directory.  Done inline, a busy recorder spends its time in those
+    waits; here they overlap with packet processing and with each other (fsync and hashing
+    release the GIL).  Outcomes come back in submission order, each with the ``tag`` it was
+    submitted with, on the caller's thread, so logging and callbacks stay single-threaded.
+    At most ``max_pending`` jobs are in flight; ``submit`` waits for the oldest beyond that.
+    """
+
+    def __init__(self, workers: int = 4, max_pending: int = 256) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="callcap-publish")
+        self._pending: deque[tuple[K, Future[T]]] = deque()
+        self._max_pending = max_pending
+
+    def submit(self, tag: K, job: Callable[[], T]) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._pending[0][1].exception()  # wait for the oldest; collected by completed()
+        self._pending.append((tag, self._pool.submit(job)))
+
+    def completed(self, *, wait: bool = False) -> list[tuple[K, T | Exception]]:
+        """Finished jobs, oldest first, each returned once: a result or the exception it
+        raised.  Stops at the first unfinished job unless ``wait``."""
+        done: list[tuple[K, T | Exception]] = []
+        pending = self._pending
+        while pending and (wait or pending[0][1].done()):
+            tag, future = pending.popleft()
+            exc = future.exception()
+            if exc is None:
+                done.append((tag, future.result()))
+            elif isinstance(exc, Exception):
+                done.append((tag, exc))
+            else:
+                raise exc
+        return done
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def shutdown(self) -> None:
+        """Stop the worker threads (after the jobs in flight)."""
+        self._pool.shutdown(wait=True)

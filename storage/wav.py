@@ -187,5 +187,4 @@ def _tidy_riff_header(f: BinaryIO) -> None:
             f.write(patch)
             break
         pos += _CHUNK.size + size + (size & 1)
-    f.flush()
-    os.fsync(f.fileno())
+    f.flush()  # durable when published: publish_file fsyncs the file before renaming it

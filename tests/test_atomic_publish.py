@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from callcap.errors import StorageError
-from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
+from callcap.storage.publish import (
+    BackgroundPublisher,
+    PublishedFile,
+    publish_file,
+    release_stem,
+    reserve_stem,
+    write_json_atomic,
+)
 
 
 @pytest.fixture
@@ -166,3 +173,44 @@ def test_a_polling_reader_never_sees_a_partial_json(tmp_path: Path) -> None:
     assert failures == []
     assert parsed and set(parsed) == {3000}
     assert sorted(p.name for p in out.iterdir()) == ["call0.json", "call1.json", "call2.json"]
+
+
+def test_background_publisher_returns_outcomes_in_submission_order(tmp_path: Path) -> None:
+    publisher: BackgroundPublisher[str, PublishedFile] = BackgroundPublisher(workers=3)
+    gate = threading.Event()
+    parts = []
+    for i in range(6):
+        part = tmp_path / f"{i}.part"
+        part.write_bytes(bytes([i]) * 1000)
+        parts.append(part)
+
+    def job(i: int) -> PublishedFile:
+        if i == 0:
+            gate.wait(5)  # the first job finishes last
+        return publish_file(parts[i], tmp_path / "out" / f"{i}.wav")
+
+    for i in range(6):
+        publisher.submit(f"call{i}", lambda i=i: job(i))
+    publisher.submit("missing", lambda: publish_file(tmp_path / "nope", tmp_path / "n.wav"))
+    assert publisher.completed() == []  # the oldest is not done: nothing overtakes it
+    gate.set()
+    outcomes = publisher.completed(wait=True)
+    assert [tag for tag, _ in outcomes] == [f"call{i}" for i in range(6)] + ["missing"]
+    for i, (_tag, outcome) in enumerate(outcomes[:6]):
+        assert isinstance(outcome, PublishedFile)
+        assert outcome.sha256 == hashlib.sha256(bytes([i]) * 1000).hexdigest()
+    assert isinstance(outcomes[6][1], StorageError)
+    assert len(publisher) == 0 and publisher.completed() == []
+    publisher.shutdown()
+
+
+def test_reserved_stems_are_unique_until_released(tmp_path: Path) -> None:
+    stem = tmp_path / "120000_abc"
+    (tmp_path / "120000_abc.wav").write_bytes(b"published")
+    first = reserve_stem(stem)
+    second = reserve_stem(stem)
+    assert (first.name, second.name) == ("120000_abc-1", "120000_abc-2")
+    release_stem(first)
+    assert reserve_stem(stem) == first
+    release_stem(first)
+    release_stem(second)

@@ -1,0 +1,197 @@
+"""The fast lane (known RTP flows queued and placed as whole runs) must change nothing.
+
+Every result of ``Pipeline.run`` — audio, stream statistics, gaps, DTMF — must be what the
+general path gives packet by packet through ``Pipeline.feed``; and ``place_runs`` must leave a
+stream exactly as ``RtpStream.push`` would, or untouched when it turns a run down.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile
+import structlog
+from workload import write_workload
+
+from callcap.capture.pcapfile import CaptureReader
+from callcap.capture.stream import RtpStream, place_runs
+from callcap.config.loader import load_config
+from callcap.pipeline import Pipeline
+
+PTIME = 160
+
+
+def _record(
+    capture: Path, out: Path, *, fast: bool
+) -> tuple[Pipeline, dict[str, tuple[dict[str, Any], bytes]]]:
+    pipeline = Pipeline(load_config(None), out, structlog.get_logger("test"))
+    with CaptureReader(str(capture)) as reader:
+        frames = iter(reader)
+        if fast:
+            pipeline.run(frames)
+        else:
+            for ts, linktype, frame in frames:
+                pipeline.feed(ts, linktype, frame)
+    pipeline.close("capture_end")
+    result = {}
+    for sidecar in sorted(out.rglob("*.json")):
+        doc = json.loads(sidecar.read_text())
+        audio, _rate = soundfile.read(sidecar.with_suffix(".wav"), dtype="int16")
+        result[doc["call_id"]] = (doc, audio.tobytes())
+    return pipeline, result
+
+
+@pytest.mark.parametrize(
+    ("codec", "loss", "jitter_ms", "duplicate", "in_runs"),
+    [
+        ("pcmu", 0.0, 0.0, 0.0, 0.95),
+        ("pcma", 0.005, 4.0, 0.0, 0.8),  # a fair network
+        ("mixed", 0.03, 25.0, 0.02, 0.1),  # a bad one: reordering breaks most runs
+    ],
+)
+def test_run_gives_what_feed_gives_packet_by_packet(
+    tmp_path: Path, codec: str, loss: float, jitter_ms: float, duplicate: float, in_runs: float
+) -> None:
+    capture = tmp_path / "w.pcap"
+    info = write_workload(
+        capture,
+        calls=12,
+        seconds=20,
+        seed=7,
+        codec=codec,
+        loss=loss,
+        jitter_ms=jitter_ms,
+        duplicate=duplicate,
+    )
+    fast_pipeline, fast = _record(capture, tmp_path / "fast", fast=True)
+    slow_pipeline, slow = _record(capture, tmp_path / "slow", fast=False)
+    # the fast lane really carried the audio (runs broken by loss go packet by packet)
+    assert fast_pipeline.counters["rtp_placed_in_runs"] > in_runs * fast_pipeline.rtp_packets
+    assert slow_pipeline.counters["rtp_placed_in_runs"] == 0
+    assert fast_pipeline.rtp_packets == slow_pipeline.rtp_packets
+    assert len(fast) == len(slow) == len(info.calls)
+    for call_id, (doc, audio) in slow.items():
+        fdoc, faudio = fast[call_id]
+        assert faudio == audio
+        assert fdoc["audio"]["sha256"] == doc["audio"]["sha256"]
+        assert fdoc["streams"] == doc["streams"]
+        assert fdoc["gaps"] == doc["gaps"]
+        assert fdoc["dtmf"] == doc["dtmf"]
+        assert any(s["packets"] > 500 for s in doc["streams"])  # real streams were compared
+
+
+def _packets(
+    rng: random.Random, n: int, seq0: int, ts0: int, t0: float
+) -> list[tuple[float, int, int]]:
+    """In-sequence 20 ms packets with arrival jitter: (arrival, seq, ts)."""
+    return [
+        (t0 + i * 0.02 + rng.uniform(0.0, 0.012), (seq0 + i) & 0xFFFF, (ts0 + i * PTIME) % 2**32)
+        for i in range(n)
+    ]
+
+
+def _state(s: RtpStream) -> tuple[Any, ...]:
+    st = s.stats
+    return (
+        s.received,
+        s.lost,
+        s.last_arrival,
+        s.position(0),
+        st.packets,
+        dict(st.payload_types),
+        st.duplicates,
+        st.reordered,
+        st.reanchors,
+        [(g.from_pos, g.to_pos) for g in s.closed_gaps],
+    )
+
+
+def _place_one(stream: RtpStream, run: list[tuple[float, int, int]], pt: int = 0) -> Any:
+    """One run of one stream through place_runs."""
+    (placed,) = place_runs(
+        [stream],
+        np.array([0]),
+        np.array([a for a, _, _ in run]),
+        np.array([q for _, q, _ in run], dtype=np.uint16),
+        np.array([t for _, _, t in run], dtype=np.uint32),
+        [pt],
+        [PTIME],
+        np.array([True]),
+    )
+    return placed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_place_runs_equals_push_one_by_one_across_wraps(seed: int) -> None:
+    rng = random.Random(seed)
+    # sequence numbers and timestamps that wrap inside the runs
+    seq0, ts0 = 65536 - rng.randrange(1, 120), 2**32 - PTIME * rng.randrange(1, 150)
+    packets = _packets(rng, 400, seq0, ts0, 1000.0)
+    head, cuts = 7, sorted(rng.sample(range(8, 400), 3))
+    reference = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    batched = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    expected = [reference.push(a, q, t, 0, PTIME) for a, q, t in packets]
+    got: list[int | None] = [batched.push(a, q, t, 0, PTIME) for a, q, t in packets[:head]]
+    # consecutive runs of one stream go in separate calls, as successive drains do
+    for lo, hi in zip([head, *cuts], [*cuts, 400], strict=True):
+        placed = _place_one(batched, packets[lo:hi])
+        assert placed is not None
+        got.extend(placed.tolist())
+    assert got == expected
+    assert _state(batched) == _state(reference)
+    assert batched.jitter == pytest.approx(reference.jitter, rel=1e-9)
+    assert batched.jitter_ms == pytest.approx(reference.jitter_ms, rel=1e-9)
+    assert batched.jitter_mean_ms == pytest.approx(reference.jitter_mean_ms, rel=1e-9)
+
+
+def test_place_runs_handles_several_streams_and_turns_down_only_the_bad_run() -> None:
+    rng = random.Random(3)
+    streams = [
+        RtpStream(src=("a", i), dst=("b", 2), ssrc=i, side="caller", origin=999.0) for i in range(3)
+    ]
+    refs = [
+        RtpStream(src=("a", i), dst=("b", 2), ssrc=i, side="caller", origin=999.0) for i in range(3)
+    ]
+    seqs0 = [100, 65530, 4000]
+    all_packets = [_packets(rng, 60, seqs0[i], 1000 * i, 1000.0) for i in range(3)]
+    for s, r, pk in zip(streams, refs, all_packets, strict=True):
+        for a, q, t in pk[:5]:
+            s.push(a, q, t, 8, PTIME)
+            r.push(a, q, t, 8, PTIME)
+    runs = [pk[5:] for pk in all_packets]
+    runs[1] = runs[1][:10] + runs[1][11:]  # a lost packet: run 1 must be turned down
+    before = _state(streams[1]), streams[1].jitter
+    flat = [p for run in runs for p in run]
+    starts = np.array([0, len(runs[0]), len(runs[0]) + len(runs[1])])
+    placed = place_runs(
+        streams,
+        starts,
+        np.array([a for a, _, _ in flat]),
+        np.array([q for _, q, _ in flat], dtype=np.uint16),
+        np.array([t for _, _, t in flat], dtype=np.uint32),
+        [8, 8, 8],
+        [PTIME] * 3,
+        np.array([True, True, True]),
+    )
+    assert placed[1] is None
+    assert (_state(streams[1]), streams[1].jitter) == before  # untouched
+    for i in (0, 2):
+        expected = [refs[i].push(a, q, t, 8, PTIME) for a, q, t in runs[i]]
+        assert placed[i] is not None and placed[i].tolist() == expected
+        assert _state(streams[i]) == _state(refs[i])
+        assert streams[i].jitter == pytest.approx(refs[i].jitter, rel=1e-9)
+
+
+def test_place_runs_turns_down_a_run_that_would_move_the_anchor() -> None:
+    s = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    for i in range(5):
+        s.push(1000.0 + i * 0.02 + 0.05, i, i * PTIME, 0, PTIME)
+    before = _state(s)
+    # the next packets arrive 40 ms *earlier* than the anchor allows: a re-anchor
+    run = [(1000.0 + i * 0.02, i, i * PTIME) for i in range(5, 10)]
+    assert _place_one(s, run) is None and _state(s) == before
