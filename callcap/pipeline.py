@@ -37,6 +37,7 @@ from callcap.config.schema import Config
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Published
+from callcap.storage.audit import RECORDING_DISCARDED, RECORDING_PUBLISHED, AuditLog, FileRef
 
 UDP = 17
 TCP = 6
@@ -90,6 +91,9 @@ class Pipeline:
         self.log = logger
         self.durable = durable
         self.on_published = on_published
+        self.audit = AuditLog(
+            out_dir, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
+        )
         self.decoder = PacketDecoder()
         self.tcp = TcpReassembler()
         self.tracker = CallTracker(
@@ -367,8 +371,38 @@ class Pipeline:
                 sha256=published.wav.sha256,
                 duration_s=doc["audio"]["duration_s"],
             )
+        self._audit_published(published)
         if self.on_published is not None:
             self.on_published(published)
+
+    def _audit_published(self, published: Published) -> None:
+        """Log what reached the archive, with its hashes, once the sidecar is in place.
+
+        A failed audit append leaves the recording published (losing audio over a log line
+        would be worse) and is logged; ``callcap verify`` then reports the file as added.
+        """
+        if published.sidecar is None:
+            return
+        event = RECORDING_PUBLISHED if published.wav is not None else RECORDING_DISCARDED
+        try:
+            with self.audit.locked() as log:
+                files: dict[str, FileRef] = {}
+                if published.wav is not None:
+                    files["wav"] = log.ref(published.wav.path, published.wav.sha256)
+                files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
+                doc = published.document
+                log.append(
+                    event,
+                    {
+                        "call_uid": published.call_uid,
+                        "end_reason": doc["end_reason"],
+                        "consent_status": doc["consent"]["status"],
+                        "delete_after": doc["retention"]["delete_after"],
+                    },
+                    files,
+                )
+        except (OSError, CallcapError) as exc:
+            self.log.error("audit_failed", call_uid=published.call_uid, error=str(exc)[:500])
 
     # -- time -------------------------------------------------------------------------------
 

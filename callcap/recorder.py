@@ -32,6 +32,7 @@ from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.config.schema import Config
+from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
 from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
@@ -73,6 +74,7 @@ class Published:
     sidecar: Path | None
     wav: PublishedFile | None
     document: dict[str, Any]
+    sidecar_sha256: str | None = None
 
 
 class CallRecorder:
@@ -257,6 +259,7 @@ class CallRecorder:
             audio_format, frames = "WAV", 0
         doc = self._sidecar(wav, audio_format, frames, stem.with_suffix(".wav").name)
         sidecar: Path | None = None
+        sidecar_sha256: str | None = None
         if keep_audio or self.config.recording.record_failed_calls:
             published = write_json_atomic(
                 stem.with_suffix(".json"),
@@ -265,7 +268,8 @@ class CallRecorder:
                 dir_mode=self.config.recording.dir_mode,
             )
             sidecar = published.path
-        return Published(self.call_uid, sidecar, wav, doc)
+            sidecar_sha256 = published.sha256
+        return Published(self.call_uid, sidecar, wav, doc, sidecar_sha256)
 
     def discard(self) -> None:
         """Drop the spool file (failed call, or audio that must not be kept)."""
@@ -421,7 +425,7 @@ class CallRecorder:
         end = call.end if call.end is not None else call.last_activity
         cfg = self.config
         consent_mode = cfg.consent.default.mode
-        keep = cfg.retention.default.keep
+        consent_status = "not_required" if consent_mode == "one_party" else "missing"
         audio: dict[str, Any] | None = None
         if wav is not None:
             audio = {
@@ -478,16 +482,11 @@ class CallRecorder:
             "consent": {
                 "mode": consent_mode,
                 "rule": None,
-                "status": "not_required" if consent_mode == "one_party" else "missing",
+                "status": consent_status,
                 "evidence": None,
                 "action": "kept" if consent_mode == "one_party" else "flagged",
             },
-            "retention": {
-                "rule": None,
-                "keep": keep.text,
-                "delete_after": iso_utc(end + keep.seconds),
-                "legal_hold": False,
-            },
+            "retention": retention_fields(cfg.retention, call_facts(call), consent_status, end),
             "warnings": list(self.warnings),
             "recorder": {"name": "callcap", "version": __version__},
         }
