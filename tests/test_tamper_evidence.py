@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import soundfile
+from callgen import CALLER_IP, T0, Call, sdp, write_pcap
 from recorded_archive import Recorded, audit_entries, callcap, record_calls
 
 
@@ -137,3 +139,26 @@ def test_a_wav_replaced_together_with_its_audit_hash_still_disagrees_with_its_si
         f"altered: {_rel(out, rec.wav)}: sha256 {other.doc['audio']['sha256']} differs from "
         f"its sidecar {_rel(out, rec.sidecar)}"
     )
+
+
+def test_a_failed_calls_sidecar_is_logged_as_discarded_and_verifies(tmp_path: Path) -> None:
+    call = Call(call_id="busy-1@10.20.0.1")
+    call.request(T0, "INVITE", body=sdp(CALLER_IP, 40000), to_tag=False)
+    call.response(T0 + 0.5, "486 Busy Here")
+    call.request(T0 + 0.51, "ACK")
+    pcap = write_pcap(tmp_path / "busy.pcap", call.records)
+    cfg = tmp_path / "failed.yaml"
+    cfg.write_text("recording:\n  record_failed_calls: true\n", encoding="utf-8")
+    out = tmp_path / "out"
+    callcap("record", str(pcap), "--out", str(out), "--config", str(cfg))
+    (sidecar,) = out.rglob("*.json")
+    (entry,) = audit_entries(out)
+    assert entry["event"] == "recording_discarded"
+    assert entry["fields"]["end_reason"] == "rejected_486"
+    assert entry["files"] == {
+        "sidecar": {
+            "path": _rel(out, sidecar),
+            "sha256": hashlib.sha256(sidecar.read_bytes()).hexdigest(),
+        }
+    }
+    assert _verify(out, 0) == ["verified 1 file(s), 1 audit entries: clean"]
