@@ -11,6 +11,7 @@ else: errors never cross from one packet, or one call, into another.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from collections import Counter
@@ -37,7 +38,13 @@ from callcap.config.schema import Config
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Published
-from callcap.storage.audit import RECORDING_DISCARDED, RECORDING_PUBLISHED, AuditLog, FileRef
+from callcap.storage.audit import (
+    RECORDING_DISCARDED,
+    RECORDING_PUBLISHED,
+    AuditLog,
+    AuditWriter,
+    FileRef,
+)
 
 UDP = 17
 TCP = 6
@@ -342,17 +349,28 @@ class Pipeline:
         if rec is None:
             return
         end = call.end if call.end is not None else event.ts
-        try:
-            published = rec.finish(end)
-        except (OSError, CallcapError) as exc:
-            rec.discard()
-            self.log.error(
-                "recording_failed",
-                call_uid=rec.call_uid,
-                error=str(exc)[:500],
-                exc_type=type(exc).__name__,
-            )
-            return
+        with contextlib.ExitStack() as stack:
+            # Publish and log under the archive lock: no sweep or erasure can act on a
+            # sidecar whose publication is not logged yet. Without the lock the audio is
+            # still published (losing a call over a log line would be worse).
+            audit: AuditWriter | None = None
+            try:
+                audit = stack.enter_context(self.audit.locked())
+            except (OSError, CallcapError) as exc:
+                self.log.error("audit_failed", call_uid=rec.call_uid, error=str(exc)[:500])
+            try:
+                published = rec.finish(end)
+            except (OSError, CallcapError) as exc:
+                rec.discard()
+                self.log.error(
+                    "recording_failed",
+                    call_uid=rec.call_uid,
+                    error=str(exc)[:500],
+                    exc_type=type(exc).__name__,
+                )
+                return
+            if audit is not None:
+                self._audit_published(audit, published)
         doc = published.document
         self.log.info(
             "call_ended",
@@ -371,36 +389,34 @@ class Pipeline:
                 sha256=published.wav.sha256,
                 duration_s=doc["audio"]["duration_s"],
             )
-        self._audit_published(published)
         if self.on_published is not None:
             self.on_published(published)
 
-    def _audit_published(self, published: Published) -> None:
+    def _audit_published(self, log: AuditWriter, published: Published) -> None:
         """Log what reached the archive, with its hashes, once the sidecar is in place.
 
-        A failed audit append leaves the recording published (losing audio over a log line
-        would be worse) and is logged; ``callcap verify`` then reports the file as added.
+        A failed append leaves the recording published and is logged; ``callcap verify``
+        then reports its files as added.
         """
         if published.sidecar is None:
             return
         event = RECORDING_PUBLISHED if published.wav is not None else RECORDING_DISCARDED
+        files: dict[str, FileRef] = {}
+        if published.wav is not None:
+            files["wav"] = log.ref(published.wav.path, published.wav.sha256)
+        files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
+        doc = published.document
         try:
-            with self.audit.locked() as log:
-                files: dict[str, FileRef] = {}
-                if published.wav is not None:
-                    files["wav"] = log.ref(published.wav.path, published.wav.sha256)
-                files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
-                doc = published.document
-                log.append(
-                    event,
-                    {
-                        "call_uid": published.call_uid,
-                        "end_reason": doc["end_reason"],
-                        "consent_status": doc["consent"]["status"],
-                        "delete_after": doc["retention"]["delete_after"],
-                    },
-                    files,
-                )
+            log.append(
+                event,
+                {
+                    "call_uid": published.call_uid,
+                    "end_reason": doc["end_reason"],
+                    "consent_status": doc["consent"]["status"],
+                    "delete_after": doc["retention"]["delete_after"],
+                },
+                files,
+            )
         except (OSError, CallcapError) as exc:
             self.log.error("audit_failed", call_uid=published.call_uid, error=str(exc)[:500])
 

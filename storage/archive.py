@@ -35,7 +35,7 @@ from callcap.storage.audit import (
     AuditWriter,
     FileRef,
 )
-from callcap.storage.publish import write_json_atomic
+from callcap.storage.publish import fsync_dir, write_json_atomic
 from callcap.storage.sidecar import clean_text
 
 _CALL_UID_RE = re.compile(r"[a-z2-7]{16}")
@@ -227,11 +227,11 @@ class Archive:
             files["wav"] = log.ref(wav)
         try:
             rec.sidecar.unlink()
-            _fsync_dir(rec.sidecar.parent)
+            fsync_dir(rec.sidecar.parent)
             if wav is not None:
                 with contextlib.suppress(FileNotFoundError):
                     wav.unlink()
-                _fsync_dir(wav.parent)
+                fsync_dir(wav.parent)
         except OSError as exc:
             raise StorageError(f"cannot delete {rec.sidecar}: {exc.strerror or exc}") from exc
         log.append(event, {"call_uid": rec.call_uid, **fields}, files)
@@ -284,14 +284,6 @@ def _reread(rec: Recording, outcomes: list[Outcome]) -> Recording | None:
 def _unreadable(path: Path, exc: StorageError) -> Outcome:
     rec = Recording(path, None, "?", None, legal_hold=False, document={})
     return Outcome(rec, "error", str(exc))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["Archive", "Outcome", "Recording", "party_matches", "read_recording", "sidecars"]

@@ -15,11 +15,12 @@ URI of a party is written here, so erasing a data subject's recordings leaves no
 them in a log that by design can never be edited.
 
 Several processes append (the daemon, ``callcap hold``, ``callcap retention sweep``): each
-append holds an exclusive ``flock`` on the file while it reads the last line and writes the
-next, the file is opened ``O_APPEND`` and every line is written with one ``write`` and
-fsynced before the lock is released.  :meth:`AuditLog.locked` holds the same lock across a
-whole read-check-change-log step, which is what stops a sweep deleting a recording that
-``callcap hold add`` is putting on hold at that moment.
+append holds an exclusive ``flock`` (on the output directory) while it reads the last line
+and writes the next, the file is opened ``O_APPEND`` and every line is written with one
+``write`` and fsynced before the lock is released.  :meth:`AuditLog.locked` holds the same
+lock across a whole read-check-change-log step, which is what stops a sweep deleting a
+recording that ``callcap hold add`` is putting on hold at that moment, or one whose
+publication is not logged yet.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 from callcap.errors import StorageError
 from callcap.storage.layout import ensure_dir
+from callcap.storage.publish import fsync_dir
 from callcap.storage.sidecar import iso_utc
 
 AUDIT_FILE = "audit.jsonl"
@@ -131,19 +133,45 @@ def _count_lines(fd: int) -> int:
 
 
 class AuditWriter:
-    """Appends while :meth:`AuditLog.locked` holds the lock (one process at a time)."""
+    """Appends while :meth:`AuditLog.locked` holds the lock (one process at a time).
 
-    def __init__(self, fd: int, relative_to: Path) -> None:
+    The log file is opened on the first append, so taking the lock to publish a call that
+    leaves no files behind does not create an empty log.
+    """
+
+    def __init__(self, log: AuditLog) -> None:
+        self._log = log
+        self.relative_to = log.out_dir
+        self._fd: int | None = None
+        self._prev = GENESIS
+        self._seq = 0
+        self._torn = False
+
+    def _open(self) -> int:
+        if self._fd is not None:
+            return self._fd
+        path = self._log.path
+        created = not path.exists()
+        try:
+            fd = os.open(
+                path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self._log.file_mode
+            )
+            if created:
+                fsync_dir(self._log.out_dir)
+        except OSError as exc:
+            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from exc
         self._fd = fd
-        self.relative_to = relative_to
-        line, seq = _last_line(fd)
-        self._prev = GENESIS if line is None else line_hash(line)
-        self._seq = seq
-        self._torn = line is not None and not self._ends_with_newline()
+        line, self._seq = _last_line(fd)
+        if line is not None:
+            self._prev = line_hash(line)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            self._torn = os.pread(fd, 1, size - 1) != b"\n"
+        return fd
 
-    def _ends_with_newline(self) -> bool:
-        size = os.lseek(self._fd, 0, os.SEEK_END)
-        return size == 0 or os.pread(self._fd, 1, size - 1) == b"\n"
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def ref(self, path: Path, sha256: str | None = None) -> FileRef:
         """A :class:`FileRef` for ``path`` (hashing it unless the hash is known)."""
@@ -160,6 +188,7 @@ class AuditWriter:
     ) -> dict[str, Any]:
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
+        fd = self._open()
         entry: dict[str, Any] = {
             "seq": self._seq + 1,
             "time": iso_utc(time.time() if now is None else now),
@@ -179,8 +208,8 @@ class AuditWriter:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(self._fd, view) :]
-            os.fsync(self._fd)
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
         except OSError as exc:
             raise StorageError(f"cannot append to the audit log: {exc.strerror or exc}") from exc
         self._torn = False
@@ -200,26 +229,23 @@ class AuditLog:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[AuditWriter]:
-        """Hold the log's exclusive lock: the archive may be changed and logged meanwhile."""
+        """Hold the archive's exclusive lock: it may be changed and logged meanwhile.
+
+        The lock is an ``flock`` on the output directory itself, which every process that
+        changes the archive opens, so no lock file has to exist beside the recordings.
+        """
         try:
             ensure_dir(self.out_dir, self.dir_mode)
-            created = not self.path.exists()
-            fd = os.open(
-                self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, self.file_mode
-            )
+            dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise StorageError(f"cannot open {self.path}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot open {self.out_dir}: {exc.strerror or exc}") from exc
+        writer = AuditWriter(self)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if created:
-                dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
-            yield AuditWriter(fd, self.out_dir)
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            yield writer
         finally:
-            os.close(fd)  # closing releases the flock
+            writer.close()
+            os.close(dir_fd)  # closing releases the flock
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,11 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed name) survive a power cut."""
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def _hash(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
