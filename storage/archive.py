@@ -179,8 +179,11 @@ class Archive:
                 if rec.legal_hold:
                     outcomes.append(Outcome(rec, "kept", _expiry(rec, now)))
                     continue
-                self._remove(log, rec, RECORDING_DELETED, {"delete_after": _iso(rec)})
-                outcomes.append(Outcome(rec, "deleted", _expiry(rec, now)))
+                problem = self._remove(log, rec, RECORDING_DELETED, {"delete_after": _iso(rec)})
+                if problem is None:
+                    outcomes.append(Outcome(rec, "deleted", _expiry(rec, now)))
+                else:
+                    outcomes.append(Outcome(rec, "error", problem))
         return outcomes
 
     # -- erasure ------------------------------------------------------------------------------
@@ -205,8 +208,11 @@ class Archive:
                     outcomes.append(Outcome(rec, "kept", "on legal hold"))
                     continue
                 # The party itself is not logged: the log outlives the erasure.
-                self._remove(log, rec, RECORDING_ERASED, {"reason": "right_to_erasure"})
-                outcomes.append(Outcome(rec, "erased", "party matches"))
+                problem = self._remove(log, rec, RECORDING_ERASED, {"reason": "right_to_erasure"})
+                if problem is None:
+                    outcomes.append(Outcome(rec, "erased", "party matches"))
+                else:
+                    outcomes.append(Outcome(rec, "error", problem))
         return outcomes
 
     # -- internals ----------------------------------------------------------------------------
@@ -219,22 +225,35 @@ class Archive:
             except StorageError as exc:
                 outcomes.append(_unreadable(path, exc))
 
-    def _remove(self, log: AuditWriter, rec: Recording, event: str, fields: dict[str, Any]) -> None:
-        """Sidecar first, then audio, each removal made durable; then the audit entry."""
+    def _remove(
+        self, log: AuditWriter, rec: Recording, event: str, fields: dict[str, Any]
+    ) -> str | None:
+        """Sidecar first, then audio, each removal made durable; then the audit entry.
+
+        Returns ``None`` when both are gone, else what went wrong.  The entry lists exactly
+        the files that were removed: when the sidecar could not be, nothing is logged; when
+        only the audio could not be, the sidecar's removal is logged and the audio stays
+        logged as published, so ``callcap verify`` remains exact either way.
+        """
         files: dict[str, FileRef] = {"sidecar": log.ref(rec.sidecar)}
         wav = rec.wav if rec.wav is not None and rec.wav.exists() else None
-        if wav is not None:
-            files["wav"] = log.ref(wav)
+        wav_ref = log.ref(wav) if wav is not None else None
         try:
             rec.sidecar.unlink()
             fsync_dir(rec.sidecar.parent)
-            if wav is not None:
+        except OSError as exc:
+            return f"cannot delete {rec.sidecar.name}: {exc.strerror or exc}"
+        problem = None
+        if wav is not None and wav_ref is not None:
+            try:
                 with contextlib.suppress(FileNotFoundError):
                     wav.unlink()
                 fsync_dir(wav.parent)
-        except OSError as exc:
-            raise StorageError(f"cannot delete {rec.sidecar}: {exc.strerror or exc}") from exc
+                files["wav"] = wav_ref
+            except OSError as exc:
+                problem = f"sidecar deleted, but not {wav.name}: {exc.strerror or exc}"
         log.append(event, {"call_uid": rec.call_uid, **fields}, files)
+        return problem
 
 
 def party_matches(doc: dict[str, Any], party: str) -> bool:

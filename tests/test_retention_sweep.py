@@ -7,6 +7,9 @@ and plain-1 2024-02-14T22:13:24Z (90 days), finance-1 2028-11-12T22:13:24Z (5 ye
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from recorded_archive import Recorded, audit_entries, callcap, record_calls
@@ -123,3 +126,39 @@ def test_the_sweep_reads_retention_from_the_sidecar_not_the_config(tmp_path: Pat
     assert all(_present(r) == (True, True) for r in recorded.values())
     doc = json.loads(recorded["finance-1@10.20.0.1"].sidecar.read_text(encoding="utf-8"))
     assert doc["retention"]["keep"] == "5y"
+
+
+def test_the_sidecar_is_unlinked_before_its_audio(tmp_path: Path) -> None:
+    """Seen from the kernel (strace): a watcher never finds a sidecar whose audio is gone."""
+    recorded = record_calls(tmp_path)
+    out = tmp_path / "out"
+    trace = tmp_path / "unlink.trace"
+    subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=unlink,unlinkat",
+            "-o",
+            str(trace),
+            sys.executable,
+            "-m",
+            "callcap",
+            "retention",
+            "sweep",
+            "--out",
+            str(out),
+            "--now",
+            "2025-01-01T00:00:00Z",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    unlinked = re.findall(r'unlink(?:at)?\([^"]*"([^"]+)"', trace.read_text(encoding="utf-8"))
+    expected: list[str] = []
+    for call_id in ("subject-1@10.20.0.1", "plain-1@10.20.0.1"):
+        rec = recorded[call_id]
+        expected += [str(rec.sidecar), str(rec.wav)]
+    assert [u for u in unlinked if u.endswith((".json", ".wav"))] == expected
