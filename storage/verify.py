@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,7 +71,15 @@ def archive_files(out_dir: Path) -> list[str]:
 
 
 def verify(out_dir: Path) -> VerifyReport:
+    """Check the chain, every file against its newest audit entry, every WAV against its sidecar."""
     report = VerifyReport()
+    hashes: dict[str, str] = {}
+
+    def sha256(rel: str) -> str:  # each file is read once, however many checks use it
+        if rel not in hashes:
+            hashes[rel] = file_sha256(out_dir / rel)
+        return hashes[rel]
+
     known, removed = _replay_log(out_dir, report)
     on_disk = archive_files(out_dir)
     report.files = len(on_disk)
@@ -87,7 +96,7 @@ def verify(out_dir: Path) -> VerifyReport:
                 )
             )
             continue
-        actual = file_sha256(out_dir / rel)
+        actual = sha256(rel)
         if actual != entry.sha256:
             report.problems.append(
                 Problem(
@@ -108,7 +117,7 @@ def verify(out_dir: Path) -> VerifyReport:
     reported = {p.subject for p in report.problems}
     for rel in on_disk:
         if rel.endswith(".json"):
-            problem = _sidecar_audio(out_dir, rel, reported)
+            problem = _sidecar_audio(out_dir, rel, reported, sha256)
             if problem is not None:
                 report.problems.append(problem)
     return report
@@ -165,7 +174,9 @@ def _apply(
             removed.pop(rel, None)
 
 
-def _sidecar_audio(out_dir: Path, rel: str, reported: set[str]) -> Problem | None:
+def _sidecar_audio(
+    out_dir: Path, rel: str, reported: set[str], sha256: Callable[[str], str]
+) -> Problem | None:
     """The WAV must still have the SHA-256 its sidecar recorded."""
     try:
         doc = json.loads((out_dir / rel).read_text(encoding="utf-8"))
@@ -178,7 +189,7 @@ def _sidecar_audio(out_dir: Path, rel: str, reported: set[str]) -> Problem | Non
     wav = out_dir / wav_rel
     if wav_rel in reported or not wav.is_file():
         return None
-    actual = file_sha256(wav)
+    actual = sha256(wav_rel)
     if actual != audio.get("sha256"):
         return Problem("altered", wav_rel, f"sha256 {actual} differs from its sidecar {rel}")
     return None
