@@ -227,12 +227,18 @@ class ConsentMatch:
     trunk: tuple[Network, ...] = ()
     header: dict[str, str] = field(default_factory=dict, metadata={"check": _header_names})
 
+    def __hash__(self) -> int:  # the dict would make the generated hash fail; config is frozen
+        return hash((self.caller, self.callee, self.trunk, tuple(sorted(self.header.items()))))
+
 
 @dataclass(frozen=True, slots=True)
 class RetentionMatch(ConsentMatch):
     """A consent match plus the call's final consent status (decided before retention is)."""
 
     consent_status: tuple[Literal["not_required", "granted", "refused", "missing"], ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((ConsentMatch.__hash__(self), self.consent_status))
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,8 @@ def test_the_issue_example_loads_into_typed_rules(tmp_path: Path) -> None:
         ),
     )
     assert config.retention.sweep_interval_s == 600.0
+    # still a frozen value: hashable, equal configs hash equal
+    assert hash(config) == hash(load_config(path))
 
 
 def test_rule_defaults_are_documented_values() -> None:
