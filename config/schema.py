@@ -157,7 +157,6 @@ class RecordingConfig:
 
 
 DTMF_DIGITS = "0123456789*#ABCD"
-CONSENT_STATUSES = ("not_required", "granted", "refused", "missing")
 _HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
 
 
