@@ -1,4 +1,5 @@
-"""Command-line entry points: ``callcap record`` and ``callcap schema``.
+"""Command-line entry points: ``callcap record``, ``daemon`` and ``schema``; the archive's
+``verify``, ``hold``, ``retention sweep`` and ``erase`` live in :mod:`callcap.archive_cli`.
 
 Exit codes: 0 success; 2 a capture or the config could not be read (the other captures are
 still processed, and the error is one line on stderr naming the file).
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from callcap import __version__
+from callcap import __version__, archive_cli
 from callcap.errors import CaptureError, ConfigError
 
 EXIT_OK = 0
@@ -70,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("schema", help="print the JSON Schema of the per-call sidecar")
+    archive_cli.add_parsers(sub)
     return parser
 
 
@@ -81,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _record(args)
     if args.command == "daemon":
         return _daemon(args)
+    if args.command in ("verify", "hold", "retention", "erase"):
+        return archive_cli.run(args)
     return EXIT_INPUT  # pragma: no cover - argparse enforces the choices
 
 

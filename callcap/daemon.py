@@ -26,6 +26,7 @@ from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
 from callcap.sdnotify import Notifier
 from callcap.storage.layout import ensure_dir
+from callcap.sweeper import RetentionSweeper
 
 POLL_S = 0.25
 EXIT_OK = 0
@@ -128,6 +129,7 @@ class Daemon:
             self.notifier.ready("capturing")
             next_stats = time.monotonic() + config.logging.stats_interval_s
             next_watchdog = time.monotonic()
+            sweeper = RetentionSweeper(pipeline.out_dir, log)
             while not self._stop:
                 for ts, linktype, frame in source.poll(POLL_S):
                     pipeline.feed(ts, linktype, frame)
@@ -144,7 +146,9 @@ class Daemon:
                 if self._reload:
                     self._reload = False
                     self._reconfigure(pipeline)
+                sweeper.poll(mono, pipeline.config)
             self._shutdown(pipeline, source)
+            sweeper.close()
         return EXIT_OK
 
     def _replay(self, pipeline: Pipeline, path: str) -> int:

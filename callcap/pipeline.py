@@ -11,6 +11,7 @@ else: errors never cross from one packet, or one call, into another.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import struct
 from collections import Counter
@@ -40,6 +41,13 @@ from callcap.config.schema import Config
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Publication, Published
+from callcap.storage.audit import (
+    RECORDING_DISCARDED,
+    RECORDING_PUBLISHED,
+    AuditLog,
+    AuditWriter,
+    FileRef,
+)
 from callcap.storage.publish import BackgroundPublisher
 
 UDP = 17
@@ -156,6 +164,9 @@ class Pipeline:
         self.log = logger
         self.durable = durable
         self.on_published = on_published
+        self.audit = AuditLog(
+            out_dir, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
+        )
         self.decoder = PacketDecoder()
         self.tcp = TcpReassembler()
         self.tracker = CallTracker(
@@ -170,7 +181,9 @@ class Pipeline:
         self._framers: dict[tuple[bytes, int, bytes, int], SipStreamFramer] = {}
         self._flows: dict[bytes, _FastFlow] = {}
         self._queued: list[_FastFlow] = []  # flows with frames waiting in the fast lane
-        self._publisher: BackgroundPublisher[Publication, Published] = BackgroundPublisher()
+        self._publisher: BackgroundPublisher[Publication, tuple[Published, str | None]] = (
+            BackgroundPublisher()
+        )
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
         self._interval = config.rtp.flush_interval_ms / 1000.0
@@ -590,22 +603,44 @@ class Pipeline:
         )
         if publication.writer is None and not publication.write_sidecar:
             return  # nothing to publish (a failed call)
-        self._publisher.submit(publication, publication.publish)
+        self._publisher.submit(publication, lambda: self._publish(publication))
         self._published(self._publisher.completed())
+
+    def _publish(self, publication: Publication) -> tuple[Published, str | None]:
+        """On a publisher thread: publish, and log it to the audit log under the archive lock,
+        so no sweep or erasure can act on a sidecar whose publication is not logged yet.
+        Without the lock the audio is still published (losing a call over a log line would
+        be worse); the second value is then what went wrong with the audit log."""
+        with contextlib.ExitStack() as stack:
+            audit: AuditWriter | None = None
+            problem: str | None = None
+            try:
+                audit = stack.enter_context(self.audit.locked())
+            except (OSError, CallcapError) as exc:
+                problem = str(exc)[:500]
+            published = publication.publish()
+            if audit is not None:
+                problem = self._audit_published(audit, published)
+            return published, problem
 
     def _failed(self, call_uid: str, exc: Exception) -> None:
         self.log.error(
             "recording_failed", call_uid=call_uid, error=str(exc)[:500], exc_type=type(exc).__name__
         )
 
-    def _published(self, outcomes: list[tuple[Publication, Published | Exception]]) -> None:
+    def _published(
+        self, outcomes: list[tuple[Publication, tuple[Published, str | None] | Exception]]
+    ) -> None:
         """Log (and hand on) what the publisher finished, in the order calls ended."""
-        for publication, outcome in outcomes:
-            if isinstance(outcome, Exception):
-                if not isinstance(outcome, OSError | CallcapError):
-                    self._internal_error(self.now, outcome)
-                self._failed(publication.call_uid, outcome)
+        for publication, result in outcomes:
+            if isinstance(result, Exception):
+                if not isinstance(result, OSError | CallcapError):
+                    self._internal_error(self.now, result)
+                self._failed(publication.call_uid, result)
                 continue
+            outcome, audit_problem = result
+            if audit_problem is not None:
+                self.log.error("audit_failed", call_uid=outcome.call_uid, error=audit_problem)
             if outcome.wav is not None:
                 self.recordings += 1
                 self.log.info(
@@ -623,6 +658,35 @@ class Pipeline:
     def settle(self) -> None:
         """Wait until every ended call's files are published (and logged)."""
         self._published(self._publisher.completed(wait=True))
+
+    def _audit_published(self, log: AuditWriter, published: Published) -> str | None:
+        """Log what reached the archive, with its hashes, once the sidecar is in place.
+
+        A failed append leaves the recording published and is reported (the error text is
+        returned); ``callcap verify`` then reports its files as added.
+        """
+        if published.sidecar is None:
+            return None
+        event = RECORDING_PUBLISHED if published.wav is not None else RECORDING_DISCARDED
+        files: dict[str, FileRef] = {}
+        if published.wav is not None:
+            files["wav"] = log.ref(published.wav.path, published.wav.sha256)
+        files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
+        doc = published.document
+        try:
+            log.append(
+                event,
+                {
+                    "call_uid": published.call_uid,
+                    "end_reason": doc["end_reason"],
+                    "consent_status": doc["consent"]["status"],
+                    "delete_after": doc["retention"]["delete_after"],
+                },
+                files,
+            )
+        except (OSError, CallcapError) as exc:
+            return str(exc)[:500]
+        return None
 
     # -- time -------------------------------------------------------------------------------
 

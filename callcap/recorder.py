@@ -32,6 +32,7 @@ from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.config.schema import Config
+from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
 from callcap.storage.publish import (
     PublishedFile,
@@ -79,6 +80,7 @@ class Published:
     sidecar: Path | None
     wav: PublishedFile | None
     document: dict[str, Any]
+    sidecar_sha256: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,14 +112,16 @@ class Publication:
                 self.doc["audio"]["sha256"] = wav.sha256
                 self.doc["audio"]["bytes"] = wav.size
             sidecar: Path | None = None
+            sidecar_sha256: str | None = None
             if self.write_sidecar:
-                sidecar = write_json_atomic(
+                written = write_json_atomic(
                     self.stem.with_suffix(".json"),
                     self.doc,
                     file_mode=self.file_mode,
                     dir_mode=self.dir_mode,
-                ).path
-            return Published(self.call_uid, sidecar, wav, self.doc)
+                )
+                sidecar, sidecar_sha256 = written.path, written.sha256
+            return Published(self.call_uid, sidecar, wav, self.doc, sidecar_sha256)
         finally:
             release_stem(self.stem)
 
@@ -506,7 +510,7 @@ class CallRecorder:
         end = call.end if call.end is not None else call.last_activity
         cfg = self.config
         consent_mode = cfg.consent.default.mode
-        keep = cfg.retention.default.keep
+        consent_status = "not_required" if consent_mode == "one_party" else "missing"
         audio: dict[str, Any] | None = None
         if keep_audio:
             audio = {
@@ -563,16 +567,11 @@ class CallRecorder:
             "consent": {
                 "mode": consent_mode,
                 "rule": None,
-                "status": "not_required" if consent_mode == "one_party" else "missing",
+                "status": consent_status,
                 "evidence": None,
                 "action": "kept" if consent_mode == "one_party" else "flagged",
             },
-            "retention": {
-                "rule": None,
-                "keep": keep.text,
-                "delete_after": iso_utc(end + keep.seconds),
-                "legal_hold": False,
-            },
+            "retention": retention_fields(cfg.retention, call_facts(call), consent_status, end),
             "warnings": list(self.warnings),
             "recorder": {"name": "callcap", "version": __version__},
         }

@@ -47,6 +47,9 @@ class Call:
     transport: str = "udp"
     sip_messages: int = 0
     retransmissions: int = 0
+    #: The initial INVITE's headers (lower-case names), bounded: what consent and retention
+    #: rules match on (``header: {X-Jurisdiction: EU}``).
+    invite_headers: tuple[tuple[str, str], ...] = ()
     # tracker state
     invite_cseq: int = 0
     cancel_at: float | None = None
@@ -103,6 +106,19 @@ class CallEnded:
 
 
 Event = CallStarted | MediaOffered | CallAnswered | DtmfSignalled | CallEnded
+
+
+#: Bounds of the INVITE header copy a call keeps: enough for any routing or jurisdiction
+#: header, small enough that a hostile INVITE cannot make a call's state large.
+MAX_INVITE_HEADERS = 64
+MAX_INVITE_HEADER_VALUE = 512
+
+
+def bounded_invite_headers(msg: SipMessage) -> tuple[tuple[str, str], ...]:
+    """A bounded copy of an INVITE's headers (names are already canonical lower case)."""
+    return tuple(
+        (name, value[:MAX_INVITE_HEADER_VALUE]) for name, value in msg.headers[:MAX_INVITE_HEADERS]
+    )
 
 
 def _other(side: Side) -> Side:
@@ -209,6 +225,7 @@ class CallTracker:
                 call.invite_cseq = cseq
                 call.failed_at = None
                 call.final_status = None
+                call.invite_headers = bounded_invite_headers(msg)
             call.last_activity = max(call.last_activity, ts)
             self._user_agent(call, "caller", msg)
             self._offers(call, "caller", msg, ts, events, early=False, to_tag=None)
@@ -263,6 +280,7 @@ class CallTracker:
             last_activity=ts,
             transport=transport,
             invite_cseq=cseq,
+            invite_headers=bounded_invite_headers(msg),
         )
         call.sip_messages = 1
         call.seen[("INVITE", cseq, from_.tag)] = None

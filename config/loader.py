@@ -9,8 +9,10 @@ Conversion is generic — it follows the dataclass type hints — so extending t
 declaring a field. Supported: ``int``, ``float`` (integers accepted), ``bool`` (only
 ``true``/``false``: YAML 1.1's ``yes``/``no``/``on``/``off`` are one typo away from a
 country code), ``str``, ``Literal[...]`` of strings, ``tuple[T, ...]``, fixed
-``tuple[A, B]``, ``X | None``, nested dataclasses (including tuples of them),
-:class:`Duration`, and octal file modes (``metadata={"octal": True}``). Integers follow
+``tuple[A, B]``, ``X | None``, ``dict[str, T]`` (free-form keys such as header names,
+duplicates compared case-insensitively), nested dataclasses (including tuples of them),
+classes read from a string by their ``parse`` (:class:`Duration`, :class:`Network`), and
+octal file modes (``metadata={"octal": True}``). Integers follow
 YAML 1.2's core schema (``0640`` is 640; ``0o640`` and ``0x…`` are explicit) rather than
 YAML 1.1's implicit octal, which surprises everyone who writes a port number with a leading
 zero.
@@ -32,7 +34,7 @@ from typing import Any, Literal, NoReturn, TypeVar, get_args, get_origin
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from callcap.config.schema import Check, Config, Duration
+from callcap.config.schema import Check, Config
 from callcap.errors import ConfigError
 
 T = TypeVar("T")
@@ -176,8 +178,10 @@ def _expected(tp: Any, meta: typing.Mapping[str, Any]) -> str:
         return (
             "a list" if len(args) == 2 and args[1] is Ellipsis else f"a list of {len(args)} items"
         )
-    if tp is Duration:
-        return "a duration like 90d"
+    if isinstance(tp, type) and hasattr(tp, "EXPECTED"):
+        return str(tp.EXPECTED)
+    if origin is dict:
+        return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
     if tp is bool:
@@ -232,6 +236,7 @@ class _Builder:
         hints = self.hints(cls)
         seen: dict[str, int] = {}
         kwargs: dict[str, Any] = {}
+        lines: dict[str, Node] = {}
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE:
                 self.fail(key_node, path, "merge keys (<<) are not supported; repeat the keys")
@@ -251,11 +256,58 @@ class _Builder:
             meta = fields[key].metadata
             value = self.convert(value_node, hints[key], key_path, meta)
             self.check(value_node, value, key_path, meta)
+            if "unique" in meta:
+                self._unique(value_node, value, key_path, meta["unique"])
             kwargs[key] = value
+            lines[key] = key_node
         for name in required:
             if name not in kwargs:
                 self.fail(node, f"{path}.{name}" if path else name, "missing required key")
-        return cls(**kwargs)
+        built = cls(**kwargs)
+        problems = getattr(built, "config_problems", None)
+        if problems is not None:
+            for name, problem in problems():
+                self.fail(lines.get(name, node), f"{path}.{name}" if path else name, problem)
+        return built
+
+    def _unique(self, node: Node, items: tuple[Any, ...], path: str, attr: str) -> None:
+        """No two items share ``attr``; the error names the repeat and where the first is."""
+        first: dict[object, int] = {}
+        for i, (item, item_node) in enumerate(zip(items, node.value, strict=True)):
+            value = getattr(item, attr)
+            if value in first:
+                where = item_node
+                for key_node, _value_node in item_node.value:
+                    if key_node.value == attr:
+                        where = key_node
+                self.fail(
+                    where,
+                    f"{path}[{i}].{attr}",
+                    f"{value!r} is already the {attr} of {path}[{first[value]}]; "
+                    f"{attr}s must be unique",
+                )
+            first[value] = i
+
+    def _dict(self, node: Node, tp: Any, path: str) -> dict[str, Any]:
+        """A mapping of free-form string keys (header names) to values of one type."""
+        key_tp, value_tp = get_args(tp)
+        if key_tp is not str:
+            raise TypeError(f"unsupported config type {tp!r} at {path}")
+        if not isinstance(node, MappingNode):
+            self.fail(node, path, f"expected a mapping, got {_describe(node)}")
+        out: dict[str, Any] = {}
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
+                self.fail(key_node, path, f"keys must be names, got {_describe(key_node)}")
+            key = str(key_node.value)
+            key_path = f"{path}.{key}"
+            folded = key.lower()
+            if folded in seen:
+                self.fail(key_node, key_path, f"duplicate key (first set on line {seen[folded]})")
+            seen[folded] = key_node.start_mark.line + 1
+            out[key] = self.convert(value_node, value_tp, key_path, {})
+        return out
 
     def convert(self, node: Node, tp: Any, path: str, meta: typing.Mapping[str, Any]) -> Any:
         origin = get_origin(tp)
@@ -278,11 +330,13 @@ class _Builder:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 self.fail(node, path, f"must be {_expected(tp, meta)}, got {node.value!r}{hint}")
             return node.value
-        if tp is Duration:
+        if origin is dict:
+            return self._dict(node, tp, path)
+        if isinstance(tp, type) and hasattr(tp, "EXPECTED") and hasattr(tp, "parse"):
             if not isinstance(node, ScalarNode) or node.tag != _STR:
-                self.fail(node, path, f"expected a duration like 90d, got {_describe(node)}")
+                self.fail(node, path, f"expected {tp.EXPECTED}, got {_describe(node)}")
             try:
-                return Duration.parse(node.value)
+                return tp.parse(node.value)
             except ValueError as exc:
                 self.fail(node, path, str(exc))
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):

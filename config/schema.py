@@ -13,6 +13,14 @@ Per-field rules travel in ``field(metadata=…)`` so they sit next to the field 
     ``True`` — the value is a file mode written as an octal string (``"0640"``).
 ``internal``
     ``True`` — filled in by the loader, never read from YAML (``Config.source``).
+``unique``
+    On a tuple of dataclasses, the name of an attribute no two items may share (rule
+    names); the error points at the repeated one.
+
+Two more hooks live on classes: a class with ``parse(text)`` and ``EXPECTED`` (a phrase such
+as "a duration like 90d") is read from a YAML string (:class:`Duration`, :class:`Network`),
+and a dataclass with ``config_problems()`` returning ``(field, problem)`` pairs gets checks
+across its fields, each located to that field's line.
 
 This module imports nothing of callcap and raises plain ``ValueError`` (from
 :meth:`Duration.parse`); the loader turns every problem into a located ``ConfigError``.
@@ -20,6 +28,7 @@ This module imports nothing of callcap and raises plain ``ValueError`` (from
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +63,7 @@ class Duration:
     seconds: int
 
     MAX_SECONDS: ClassVar[int] = 100 * 365 * 86400
+    EXPECTED: ClassVar[str] = "a duration like 90d"
 
     @classmethod
     def parse(cls, text: str) -> Duration:
@@ -146,9 +156,132 @@ class RecordingConfig:
     dir_mode: int = field(default=0o750, metadata={"octal": True})
 
 
+DTMF_DIGITS = "0123456789*#ABCD"
+_HEADER_NAME_RE = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """An IP network written in CIDR form (``10.1.0.0/16``, ``2001:db8::/32``, or one address).
+
+    ``text`` keeps what was written for messages; ``network`` is what membership tests use.
+    Host bits must be zero (``10.1.2.3/16`` is refused): such a typo usually means a
+    different network than the one intended.
+    """
+
+    text: str
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    EXPECTED: ClassVar[str] = "an IP network like 10.1.0.0/16"
+
+    @classmethod
+    def parse(cls, text: str) -> Network:
+        try:
+            return cls(text, ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as exc:
+            raise ValueError(f"not an IP network: {exc}") from exc
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _digit(value: str | None) -> str | None:
+    if value is None or (len(value) == 1 and value in DTMF_DIGITS):
+        return None
+    return f"must be one DTMF digit (0-9, *, #, A-D), got {value[:20]!r}"
+
+
+def _header_names(value: dict[str, str]) -> str | None:
+    for name in value:
+        if _HEADER_NAME_RE.fullmatch(name) is None:
+            return f"not a SIP header name: {name[:40]!r}"
+    return None
+
+
+def _header_name(value: str) -> str | None:
+    return _header_names({value: ""})
+
+
+def _rule_name(value: str) -> str | None:
+    if not value.strip():
+        return "must not be empty"
+    if len(value) > 64 or not value.isprintable():
+        return "must be at most 64 printable characters"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentMatch:
+    """Which calls a rule applies to; every listed condition must hold, an empty one always does.
+
+    ``caller``/``callee`` are globs (only ``*`` and ``?`` are special) tried against the user
+    part of the From/To URI and against the whole URI; ``trunk`` holds when either signalling
+    peer of the INVITE (its source or destination IP) is inside one of the networks;
+    ``header`` maps an INVITE header name (case-insensitive) to a glob its value must match.
+    See :mod:`callcap.config.rules` for the exact semantics.
+    """
+
+    caller: tuple[str, ...] = ()
+    callee: tuple[str, ...] = ()
+    trunk: tuple[Network, ...] = ()
+    header: dict[str, str] = field(default_factory=dict, metadata={"check": _header_names})
+
+    def __hash__(self) -> int:  # the dict would make the generated hash fail; config is frozen
+        return hash((self.caller, self.callee, self.trunk, tuple(sorted(self.header.items()))))
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionMatch(ConsentMatch):
+    """A consent match plus the call's final consent status (decided before retention is)."""
+
+    consent_status: tuple[Literal["not_required", "granted", "refused", "missing"], ...] = ()
+
+    def __hash__(self) -> int:
+        return hash((ConsentMatch.__hash__(self), self.consent_status))
+
+
+@dataclass(frozen=True, slots=True)
+class SipHeaderEvidence:
+    """A header whose value (a glob) in the INVITE signals the caller's consent."""
+
+    name: str = field(metadata={"check": _header_name})
+    value: str = field(metadata={"check": _non_empty})
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRule:
+    """One consent regime for the calls ``match`` selects (first matching rule wins)."""
+
+    name: str = field(metadata={"check": _rule_name})
+    mode: Literal["one_party", "all_party"]
+    match: ConsentMatch = field(default_factory=ConsentMatch)
+    #: How consent may be given: keypad digits (RFC 4733 events or SIP INFO), a SIP header,
+    #: or keypad tones heard in the audio.
+    evidence: tuple[Literal["dtmf", "sip_header", "inband"], ...] = ()
+    dtmf_digit: str = field(default="1", metadata={"check": _digit})
+    optout_digit: str | None = field(default=None, metadata={"check": _digit})
+    #: Seconds after the answer within which consent must be given.
+    within_s: float = field(default=30.0, metadata={"check": _positive})
+    sip_header: SipHeaderEvidence | None = None
+    on_missing: Literal["discard", "keep_flagged"] = "discard"
+
+    def config_problems(self) -> list[tuple[str, str]]:
+        """Checks across fields: ``(field, problem)`` pairs the loader locates to a line."""
+        problems: list[tuple[str, str]] = []
+        if self.mode == "all_party" and not self.evidence:
+            problems.append(("evidence", "an all_party rule needs at least one evidence method"))
+        if len(set(self.evidence)) != len(self.evidence):
+            problems.append(("evidence", "lists a method twice"))
+        if "sip_header" in self.evidence and self.sip_header is None:
+            problems.append(("sip_header", "evidence sip_header needs sip_header {name, value}"))
+        if self.optout_digit is not None and self.optout_digit == self.dtmf_digit:
+            problems.append(("optout_digit", "must differ from dtmf_digit"))
+        return problems
+
+
 @dataclass(frozen=True, slots=True)
 class ConsentDefault:
-    """Consent regime applied when no rule matches (rules arrive in a later version)."""
+    """Consent regime applied when no rule matches."""
 
     mode: Literal["one_party", "all_party"] = "one_party"
 
@@ -156,6 +289,8 @@ class ConsentDefault:
 @dataclass(frozen=True, slots=True)
 class ConsentConfig:
     default: ConsentDefault = field(default_factory=ConsentDefault)
+    #: Tried in order; the first rule whose ``match`` holds decides (no match: ``default``).
+    rules: tuple[ConsentRule, ...] = field(default=(), metadata={"unique": "name"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,8 +301,20 @@ class RetentionDefault:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionRule:
+    """How long the recordings ``match`` selects are kept (first matching rule wins)."""
+
+    name: str = field(metadata={"check": _rule_name})
+    keep: Duration
+    match: RetentionMatch = field(default_factory=RetentionMatch)
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionConfig:
     default: RetentionDefault = field(default_factory=RetentionDefault)
+    rules: tuple[RetentionRule, ...] = field(default=(), metadata={"unique": "name"})
+    #: The daemon deletes expired, unheld recordings this often; 0 turns the sweep off.
+    sweep_interval_s: float = field(default=3600.0, metadata={"check": (0, None)})
 
 
 @dataclass(frozen=True, slots=True)

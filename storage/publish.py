@@ -46,6 +46,11 @@ def _fsync_path(path: Path, flags: int = os.O_RDONLY) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a new, renamed or removed name) survive a power cut."""
+    _fsync_path(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def _hash(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
@@ -141,10 +146,12 @@ class BackgroundPublisher(Generic[K, T]):
     waits; here they overlap with packet processing and with each other (fsync and hashing
     release the GIL).  Outcomes come back in submission order, each with the ``tag`` it was
     submitted with, on the caller's thread, so logging and callbacks stay single-threaded.
+    With one worker (the default) the jobs also *run* in submission order, so the audit
+    log lists recordings in the order their calls ended.
     At most ``max_pending`` jobs are in flight; ``submit`` waits for the oldest beyond that.
     """
 
-    def __init__(self, workers: int = 4, max_pending: int = 256) -> None:
+    def __init__(self, workers: int = 1, max_pending: int = 256) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="callcap-publish")
         self._pending: deque[tuple[K, Future[T]]] = deque()
         self._max_pending = max_pending

@@ -73,14 +73,18 @@ class Call:
     callee_port: int = 50000
     records: list[tuple[float, bytes]] = field(default_factory=list)
     cseq: int = 1
+    #: User parts of the From and To URIs, and extra header lines for the initial INVITE.
+    caller_user: str = "alice"
+    callee_user: str = "bob"
+    invite_extra: str = ""
 
     def sip(self, ts: float, text: str, *, from_caller: bool = True) -> None:
         src, dst = (CALLER_IP, CALLEE_IP) if from_caller else (CALLEE_IP, CALLER_IP)
         self.records.append((ts, udp_frame(src, 5060, dst, 5060, text.encode())))
 
     def _headers(self, cseq: str, to_tag: bool, from_callee: bool = False) -> str:
-        caller = f'"Alice" <sip:alice@{CALLER_IP}>;tag=ft1'
-        callee = f"<sip:bob@{CALLEE_IP}>" + (";tag=tt1" if to_tag else "")
+        caller = f'"Alice" <sip:{self.caller_user}@{CALLER_IP}>;tag=ft1'
+        callee = f"<sip:{self.callee_user}@{CALLEE_IP}>" + (";tag=tt1" if to_tag else "")
         frm, to = (callee, caller) if from_callee else (caller, callee)
         return (
             f"Via: SIP/2.0/UDP {CALLER_IP}:5060;branch=z9hG4bK{cseq.replace(' ', '')}{self.call_id[:4]}\r\n"
@@ -106,6 +110,8 @@ class Call:
         text = f"{method} sip:peer@{CALLEE_IP} SIP/2.0\r\n" + self._headers(
             cseq, to_tag, from_callee
         )
+        if method == "INVITE" and not to_tag:
+            text += self.invite_extra
         if body:
             text += f"Content-Type: {ctype}\r\n"
         text += f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
