@@ -54,6 +54,9 @@ SEQUENCE_GAP = 5 * TIMELINE_RATE
 #: a key that completes the pause sequence is recognised a little after its tone ends,
 #: and the audio after it must still be in memory to be silenced.
 INBAND_HOLD = 40 * TIMELINE_RATE // 1000
+#: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
+#: until the audio this long past its start has been analysed.
+INBAND_LAG = 150 * TIMELINE_RATE // 1000
 
 
 class PayloadKind:
@@ -130,6 +133,7 @@ class CallRecorder:
         self._inband: list[InbandDtmfDetector] | None = None
         self._inband_origin = [0, 0]
         self._fed = 0
+        self._deferred: list[tuple[int, str, str, str, int | None]] = []
         if config.dtmf.inband:
             self._inband = [InbandDtmfDetector(), InbandDtmfDetector()]
 
@@ -146,7 +150,7 @@ class CallRecorder:
 
     def add_info_dtmf(self, side: str, digit: str, duration_ms: int | None, ts: float) -> None:
         pos = self.position(ts)
-        self._add_dtmf(digit, side, "sip_info", pos, duration_ms)
+        self._signalled(digit, side, "sip_info", pos, duration_ms)
 
     # -- PCI pause --------------------------------------------------------------------------------
 
@@ -416,7 +420,28 @@ class CallRecorder:
     def _event_digit(self, ctx: _StreamContext, digit: DtmfDigit) -> None:
         pos = ctx.stream.position(digit.start_ts)
         duration = round(digit.duration * 1000 / (ctx.stream.clock_rate or TIMELINE_RATE))
-        self._add_dtmf(digit.digit, ctx.stream.side, "rfc4733", pos, duration)
+        self._signalled(digit.digit, ctx.stream.side, "rfc4733", pos, duration)
+
+    def _signalled(
+        self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
+    ) -> None:
+        """A key signalled out of band arrives before the audio around it is analysed (up
+        to a flush interval later); it waits until then, so that keys are taken in the
+        order they were pressed whatever carried them: a pause keyed in-band covers the
+        RFC 4733 keys that follow it."""
+        if self._inband is not None and pos is not None and pos + INBAND_LAG > self._fed:
+            self._deferred.append((pos, digit, side, source, duration_ms))
+            return
+        self._add_dtmf(digit, side, source, pos, duration_ms)
+
+    def _release_deferred(self, final: bool) -> None:
+        if not self._deferred:
+            return
+        self._deferred.sort(key=lambda d: d[0])
+        ready = [d for d in self._deferred if final or d[0] + INBAND_LAG <= self._fed]
+        self._deferred = self._deferred[len(ready) :]
+        for pos, digit, side, source, duration_ms in ready:
+            self._add_dtmf(digit, side, source, pos, duration_ms)
 
     def _add_dtmf(
         self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
@@ -548,6 +573,7 @@ class CallRecorder:
                 block[index, ch] = samples
         if self._inband is not None:
             self._detect_inband(block, start, n, final=final)
+            self._release_deferred(final)
         w = n if final or self._inband is None else max(0, n - INBAND_HOLD)
         writer = self._writer
         assert writer is not None
@@ -655,8 +681,8 @@ class CallRecorder:
             "dtmf": self.dtmf,
             "pauses": [
                 {
-                    "from_s": round(a / TIMELINE_RATE, 3),
-                    "to_s": round((b if b is not None else self.written) / TIMELINE_RATE, 3),
+                    "from_s": round(a / TIMELINE_RATE, 6),
+                    "to_s": round((b if b is not None else self.written) / TIMELINE_RATE, 6),
                     "by": by,
                 }
                 for a, b, by in self.pauses
