@@ -1,0 +1,151 @@
+"""``callcap pause|resume`` talk to the daemon over its UNIX socket: a live daemon answers,
+an unknown call is a clear error with exit 1, and a pause through the socket silences the
+call's audio from the moment it was asked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import soundfile
+from callgen import RATE, T0, Call, tone
+
+from callcap.config.loader import load_config_text
+from callcap.control import ControlServer, request
+from callcap.logs import get_logger
+from callcap.pipeline import Pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def test_live_daemon_answers_on_its_socket_and_unknown_call_exits_1(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+    sock_path = tmp_path / "run" / "control.sock"
+    cfg = tmp_path / "callcap.yaml"
+    cfg.write_text(f"control:\n  socket: {sock_path}\n", encoding="utf-8")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "callcap",
+            "daemon",
+            "--interface",
+            "lo",
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(cfg),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert "READY=1" in notify.recv(4096).decode().splitlines()
+        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
+        for command in ("pause", "resume"):
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "callcap",
+                    command,
+                    "--call-id",
+                    "no-such-call@x",
+                    "--config",
+                    str(cfg),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert proc.returncode == 1, proc.stderr
+            assert "no call in progress with Call-ID no-such-call@x" in proc.stderr
+            assert json.loads(proc.stdout)["ok"] is False
+        daemon.send_signal(signal.SIGTERM)
+        stdout, _ = daemon.communicate(timeout=30)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        notify.close()
+    assert daemon.returncode == 0
+    assert "control_listening" in [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert not sock_path.exists()
+    gone = subprocess.run(
+        [sys.executable, "-m", "callcap", "pause", "--call-id", "x", "--socket", str(sock_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert gone.returncode == 1 and "cannot reach the daemon" in gone.stderr
+
+
+def test_pause_and_resume_through_the_socket_silence_the_call(tmp_path: Path) -> None:
+    call = Call()
+    answer = call.setup(T0)
+    start = answer + 0.1
+    call.stream(start, tone(440, 4.0), from_caller=True)
+    call.stream(start, tone(1000, 4.0), from_caller=False, seq0=10, ts0=99)
+    call.bye(start + 4.2)
+    from callgen import write_pcap
+
+    from callcap.capture.pcapfile import CaptureReader
+
+    pcap = write_pcap(tmp_path / "c.pcap", call.records)
+    config = load_config_text("rtp: {flush_interval_ms: 100}\n")
+    pipeline = Pipeline(config, tmp_path / "out", get_logger("test"))
+    server = ControlServer(
+        str(tmp_path / "c.sock"),
+        lambda command, call_id: pipeline.control_pause(call_id, command == "pause"),
+    )
+    replies: list[dict[str, Any]] = []
+
+    def ask(command: str) -> None:
+        t = threading.Thread(
+            target=lambda: replies.append(request(str(tmp_path / "c.sock"), command, call.call_id))
+        )
+        t.start()
+        deadline = time.monotonic() + 10
+        while t.is_alive() and time.monotonic() < deadline:
+            server.poll()
+            time.sleep(0.01)
+        t.join()
+
+    asked = {"pause": start + 1.0, "resume": start + 2.5}
+    with CaptureReader(str(pcap)) as reader:
+        for ts, linktype, frame in reader:
+            for command, when in list(asked.items()):
+                if ts >= when:
+                    ask(command)
+                    del asked[command]
+            pipeline.feed(ts, linktype, frame)
+    pipeline.close("capture_end")
+    server.close()
+    assert [r["ok"] and r["changed"] for r in replies] == [True, True]
+    assert [r["paused"] for r in replies] == [True, False]
+    (sidecar,) = (tmp_path / "out").rglob("*.json")
+    doc = json.loads(sidecar.read_text(encoding="utf-8"))
+    (pause,) = doc["pauses"]
+    assert pause["by"] == "control"
+    assert abs(pause["from_s"] - 1.0) <= 0.021 and abs(pause["to_s"] - 2.5) <= 0.021
+    audio, _ = soundfile.read(str(sidecar.with_suffix(".wav")), dtype="int16")
+    a, b = round(pause["from_s"] * RATE), round(pause["to_s"] * RATE)
+    assert not audio[a:b].any()
+    assert audio[a - 160 : a].any() and audio[b : b + 160].any()
