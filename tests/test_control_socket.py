@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import soundfile
 from callgen import RATE, T0, Call, tone
+from sipp_harness import run_call
 
 from callcap.config.loader import load_config_text
 from callcap.control import ControlServer, request
@@ -149,3 +150,113 @@ def test_pause_and_resume_through_the_socket_silence_the_call(tmp_path: Path) ->
     a, b = round(pause["from_s"] * RATE), round(pause["to_s"] * RATE)
     assert not audio[a:b].any()
     assert audio[a - 160 : a].any() and audio[b : b + 160].any()
+
+
+def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(20)
+    sock_path = tmp_path / "control.sock"
+    cfg = tmp_path / "callcap.yaml"
+    cfg.write_text(
+        f"control: {{socket: {sock_path}}}\nrtp: {{flush_interval_ms: 200}}\n", encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "callcap",
+            "daemon",
+            "--interface",
+            "lo",
+            "--out",
+            str(out),
+            "--config",
+            str(cfg),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    events: list[dict[str, Any]] = []
+    reader = threading.Thread(
+        target=lambda: events.extend(json.loads(line) for line in daemon.stdout or ())
+    )
+    runs: list[Any] = []
+    caller_text = (
+        "Thank you for holding. I will now take your card details, so the recording is "
+        "paused while you read them out, and it resumes when we are done with the payment."
+    )
+    call = threading.Thread(
+        target=lambda: runs.append(run_call(tmp_path / "call", caller_text=caller_text))
+    )
+
+    def control(command: str, call_id: str) -> dict[str, Any]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "callcap",
+                command,
+                "--call-id",
+                call_id,
+                "--socket",
+                str(sock_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        reply: dict[str, Any] = json.loads(proc.stdout)
+        return reply
+
+    try:
+        reader.start()
+        assert "READY=1" in notify.recv(4096).decode().splitlines()
+        call.start()
+        deadline = time.monotonic() + 30
+        answered: list[dict[str, Any]] = []
+        while not answered and time.monotonic() < deadline:
+            answered = [e for e in list(events) if e["event"] == "call_answered"]
+            time.sleep(0.05)
+        assert answered, events
+        call_id = answered[0]["call_id"]
+        time.sleep(1.0)
+        paused = control("pause", call_id)
+        assert paused["ok"] and paused["paused"] and paused["changed"]
+        assert not control("pause", call_id)["changed"]  # already paused
+        time.sleep(1.5)
+        resumed = control("resume", call_id)
+        assert resumed["ok"] and not resumed["paused"] and resumed["changed"]
+        call.join(timeout=90)
+        deadline = time.monotonic() + 20
+        while not list(out.rglob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+        reader.join(timeout=10)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        notify.close()
+    assert daemon.returncode == 0
+    (run,) = runs
+    assert run.returncodes == {"uac": 0, "uas": 0}
+    names = [e["event"] for e in events]
+    assert "recording_paused" in names and "recording_resumed" in names
+    (sidecar,) = out.rglob("*.json")
+    doc = json.loads(sidecar.read_text(encoding="utf-8"))
+    (pause,) = doc["pauses"]
+    assert pause["by"] == "control"
+    assert 1.2 <= pause["to_s"] - pause["from_s"] <= 2.0
+    audio, _ = soundfile.read(str(sidecar.with_suffix(".wav")), dtype="int16")
+    a, b = round(pause["from_s"] * RATE), round(pause["to_s"] * RATE)
+    assert not audio[a:b].any()
+    assert audio[:a, 0].any() and audio[b:, 0].any()  # the caller talks before and after
+    assert run.caller is not None and len(run.caller.reference) > b  # ... and during

@@ -217,6 +217,10 @@ def test_sip_header_and_info_pause_and_a_call_ending_paused_closes_the_pause(
         start + 2.0, "INFO", body="off", ctype="application/x-callcap-pause", from_callee=True
     )
     call.request(start + 3.0, "INFO", body="on\r\n", ctype="application/x-callcap-pause")
+    relay = "Signal=5\r\nDuration=160\r\n"
+    call.request(start + 1.5, "INFO", body=relay, ctype="application/dtmf-relay", from_callee=True)
+    call.request(start + 2.5, "INFO", body="9", ctype="application/dtmf", from_callee=True)
+    call.request(start + 3.5, "INFO", body="3", ctype="application/dtmf", from_callee=True)
     call.bye(start + seconds + 0.3)
     doc, audio = record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
     frames = len(audio)
@@ -225,6 +229,8 @@ def test_sip_header_and_info_pause_and_a_call_ending_paused_closes_the_pause(
         {"from_s": 3.0, "to_s": frames / RATE, "by": "sip_info"},
     ]
     assert_paused_exactly(audio, (ref_a, ref_b), [(8000, 16000), (24000, frames)])
+    # SIP INFO keys: the one between the pauses is listed, those inside them are not
+    assert [(d["digit"], d["source"], d["at_s"]) for d in doc["dtmf"]] == [("9", "sip_info", 2.5)]
 
 
 def test_a_bad_pause_sequence_is_a_located_config_error(tmp_path: Path) -> None:
