@@ -50,10 +50,10 @@ MAX_PAUSES = 1000
 DUPLICATE_WINDOW = TIMELINE_RATE // 10
 #: Keys of a pause/resume sequence follow each other within 5 s.
 SEQUENCE_GAP = 5 * TIMELINE_RATE
-#: With in-band detection on, the newest 40 ms of decoded audio wait for the next block:
-#: a key that completes the pause sequence is recognised a little after its tone ends,
-#: and the audio after it must still be in memory to be silenced.
-INBAND_HOLD = 40 * TIMELINE_RATE // 1000
+#: With in-band detection on, the newest 64 ms of decoded audio wait for the next block:
+#: a key that completes the pause sequence is recognised up to about 30 ms after its tone
+#: ends, and the audio after it must still be in memory to be silenced.
+INBAND_HOLD = 64 * TIMELINE_RATE // 1000
 #: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
 #: until the audio this long past its start has been analysed.
 INBAND_LAG = 150 * TIMELINE_RATE // 1000

@@ -4,6 +4,7 @@ call's audio from the moment it was asked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +31,19 @@ from callcap.pipeline import Pipeline
 pytestmark = pytest.mark.e2e
 
 
-def test_live_daemon_answers_on_its_socket_and_unknown_call_exits_1(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def live_daemon(tmp: Path, config: str) -> Iterator[subprocess.Popen[str]]:
+    """``callcap daemon`` sniffing lo with ``config``, READY before the block runs; killed
+    if still running after it (a test stops it with SIGTERM to check the clean exit)."""
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
+    notify.bind(str(tmp / "notify.sock"))
     notify.settimeout(20)
-    sock_path = tmp_path / "run" / "control.sock"
-    cfg = tmp_path / "callcap.yaml"
-    cfg.write_text(f"control:\n  socket: {sock_path}\n", encoding="utf-8")
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    cfg = tmp / "callcap.yaml"
+    cfg.write_text(config, encoding="utf-8")
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify.sock"))
+    args = ["daemon", "--interface", "lo", "--out", str(tmp / "out"), "--config", str(cfg)]
     daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "callcap",
-            "daemon",
-            "--interface",
-            "lo",
-            "--out",
-            str(tmp_path / "out"),
-            "--config",
-            str(cfg),
-        ],
+        [sys.executable, "-m", "callcap", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -57,44 +51,39 @@ def test_live_daemon_answers_on_its_socket_and_unknown_call_exits_1(tmp_path: Pa
     )
     try:
         assert "READY=1" in notify.recv(4096).decode().splitlines()
-        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
-        for command in ("pause", "resume"):
-            proc = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "callcap",
-                    command,
-                    "--call-id",
-                    "no-such-call@x",
-                    "--config",
-                    str(cfg),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            assert proc.returncode == 1, proc.stderr
-            assert "no call in progress with Call-ID no-such-call@x" in proc.stderr
-            assert json.loads(proc.stdout)["ok"] is False
-        daemon.send_signal(signal.SIGTERM)
-        stdout, _ = daemon.communicate(timeout=30)
+        yield daemon
     finally:
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
         notify.close()
-    assert daemon.returncode == 0
-    assert "control_listening" in [json.loads(line)["event"] for line in stdout.splitlines()]
-    assert not sock_path.exists()
-    gone = subprocess.run(
-        [sys.executable, "-m", "callcap", "pause", "--call-id", "x", "--socket", str(sock_path)],
+
+
+def control(command: str, call_id: str, *options: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "callcap", command, "--call-id", call_id, *options],
         capture_output=True,
         text=True,
         timeout=30,
         check=False,
     )
+
+
+def test_live_daemon_answers_on_its_socket_and_unknown_call_exits_1(tmp_path: Path) -> None:
+    sock_path = tmp_path / "run" / "control.sock"
+    with live_daemon(tmp_path, f"control:\n  socket: {sock_path}\n") as daemon:
+        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o660
+        for command in ("pause", "resume"):
+            proc = control(command, "no-such-call@x", "--config", str(tmp_path / "callcap.yaml"))
+            assert proc.returncode == 1, proc.stderr
+            assert "no call in progress with Call-ID no-such-call@x" in proc.stderr
+            assert json.loads(proc.stdout)["ok"] is False
+        daemon.send_signal(signal.SIGTERM)
+        stdout, _ = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0
+    assert "control_listening" in [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert not sock_path.exists()
+    gone = control("pause", "x", "--socket", str(sock_path))
     assert gone.returncode == 1 and "cannot reach the daemon" in gone.stderr
 
 
@@ -153,38 +142,10 @@ def test_pause_and_resume_through_the_socket_silence_the_call(tmp_path: Path) ->
 
 
 def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(20)
     sock_path = tmp_path / "control.sock"
-    cfg = tmp_path / "callcap.yaml"
-    cfg.write_text(
-        f"control: {{socket: {sock_path}}}\nrtp: {{flush_interval_ms: 200}}\n", encoding="utf-8"
-    )
+    config = f"control: {{socket: {sock_path}}}\nrtp: {{flush_interval_ms: 200}}\n"
     out = tmp_path / "out"
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "callcap",
-            "daemon",
-            "--interface",
-            "lo",
-            "--out",
-            str(out),
-            "--config",
-            str(cfg),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
     events: list[dict[str, Any]] = []
-    reader = threading.Thread(
-        target=lambda: events.extend(json.loads(line) for line in daemon.stdout or ())
-    )
     runs: list[Any] = []
     caller_text = (
         "Thank you for holding. I will now take your card details, so the recording is "
@@ -194,30 +155,17 @@ def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
         target=lambda: runs.append(run_call(tmp_path / "call", caller_text=caller_text))
     )
 
-    def control(command: str, call_id: str) -> dict[str, Any]:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "callcap",
-                command,
-                "--call-id",
-                call_id,
-                "--socket",
-                str(sock_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
+    def ask(command: str, call_id: str) -> dict[str, Any]:
+        proc = control(command, call_id, "--socket", str(sock_path))
         assert proc.returncode == 0, proc.stderr
         reply: dict[str, Any] = json.loads(proc.stdout)
         return reply
 
-    try:
+    with live_daemon(tmp_path, config) as daemon:
+        reader = threading.Thread(
+            target=lambda: events.extend(json.loads(line) for line in daemon.stdout or ())
+        )
         reader.start()
-        assert "READY=1" in notify.recv(4096).decode().splitlines()
         call.start()
         deadline = time.monotonic() + 30
         answered: list[dict[str, Any]] = []
@@ -227,11 +175,11 @@ def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
         assert answered, events
         call_id = answered[0]["call_id"]
         time.sleep(1.0)
-        paused = control("pause", call_id)
+        paused = ask("pause", call_id)
         assert paused["ok"] and paused["paused"] and paused["changed"]
-        assert not control("pause", call_id)["changed"]  # already paused
+        assert not ask("pause", call_id)["changed"]  # already paused
         time.sleep(1.5)
-        resumed = control("resume", call_id)
+        resumed = ask("resume", call_id)
         assert resumed["ok"] and not resumed["paused"] and resumed["changed"]
         call.join(timeout=90)
         deadline = time.monotonic() + 20
@@ -240,11 +188,6 @@ def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
         reader.join(timeout=10)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        notify.close()
     assert daemon.returncode == 0
     (run,) = runs
     assert run.returncodes == {"uac": 0, "uas": 0}

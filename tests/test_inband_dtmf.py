@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile
+from sipp_harness import make_speech
 
 from callcap.codecs.g711 import decode_alaw, decode_ulaw, encode_alaw, encode_ulaw
 from callcap.codecs.inband import HIGH_GROUP, KEYS, LOW_GROUP, InbandDtmfDetector, ToneDigit
@@ -238,36 +239,7 @@ VOICES = [
 
 
 def espeak(tmp: Path, voice: str, speed: int, pitch: int) -> npt.NDArray[np.int16]:
-    wav = tmp / "speech.wav"
-    raw = tmp / "speech.s16"
-    subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), SPEECH],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    subprocess.run(
-        [
-            "sox",
-            str(wav),
-            "-t",
-            "raw",
-            "-r",
-            "8000",
-            "-c",
-            "1",
-            "-e",
-            "signed-integer",
-            "-b",
-            "16",
-            "-L",
-            str(raw),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return np.frombuffer(raw.read_bytes(), dtype="<i2").astype(np.int16)
+    return make_speech(SPEECH, tmp, voice=voice, speed=speed, pitch=pitch)
 
 
 def test_minutes_of_varied_speech_give_no_digits(tmp_path: Path) -> None:

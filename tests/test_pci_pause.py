@@ -3,21 +3,18 @@ digital silence in both channels to the sample, and the audio around it is untou
 
 from __future__ import annotations
 
-import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import soundfile
-from callgen import PTIME, RATE, T0, Call, write_pcap
+from callgen import RATE, T0, Call, write_pcap
+from test_recording_pipeline import one_call
+from test_recording_pipeline import record as run_record
 
-from callcap.codecs.g711 import decode_ulaw, encode_ulaw
+from callcap.codecs.g711 import decode_ulaw
 from callcap.codecs.inband import HIGH_GROUP, KEYS, LOW_GROUP, InbandDtmfDetector
-from callcap.storage.sidecar import validate_sidecar
 
 CARD = "4111111111111111"
 EVENT_CODES = {d: i for i, d in enumerate("0123456789*#ABCD")}
@@ -66,33 +63,9 @@ def events(call: Call, start: float, digits: list[tuple[float, str]]) -> None:
 
 
 def record(tmp: Path, pcap: Path, config: str = "") -> tuple[dict[str, Any], npt.NDArray[np.int16]]:
-    cfg = tmp / "callcap.yaml"
-    cfg.write_text(config or "pci: {agent_side: callee}\n", encoding="utf-8")
-    out = tmp / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "callcap",
-            "record",
-            str(pcap),
-            "--out",
-            str(out),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (sidecar,) = out.rglob("*.json")
-    doc = json.loads(sidecar.read_text(encoding="utf-8"))
-    validate_sidecar(doc)
-    audio, rate = soundfile.read(str(sidecar.with_suffix(".wav")), dtype="int16")
-    assert rate == RATE
-    return doc, np.asarray(audio, dtype=np.int16)
+    """``callcap record`` on one call's capture (agent: the callee); its sidecar and audio."""
+    run_record(tmp, pcap, config=config or "pci: {agent_side: callee}\n")
+    return one_call(tmp)
 
 
 def two_sided_call(
@@ -234,29 +207,7 @@ def test_sip_header_and_info_pause_and_a_call_ending_paused_closes_the_pause(
 
 
 def test_a_bad_pause_sequence_is_a_located_config_error(tmp_path: Path) -> None:
-    cfg = tmp_path / "callcap.yaml"
-    cfg.write_text("pci:\n  agent_side: callee\n  pause_dtmf: '*x'\n", encoding="utf-8")
     pcap = write_pcap(tmp_path / "empty.pcap", [])
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "callcap",
-            "record",
-            str(pcap),
-            "--out",
-            str(tmp_path / "o"),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 2
+    config = "pci:\n  agent_side: callee\n  pause_dtmf: '*x'\n"
+    proc = run_record(tmp_path, pcap, config=config, expect=2)
     assert "callcap.yaml:3: pci.pause_dtmf: must be 1 to 8 DTMF keys" in proc.stderr
-
-
-assert PTIME == 160
-assert encode_ulaw is not None
