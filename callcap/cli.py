@@ -18,6 +18,7 @@ from callcap import __version__, archive_cli
 from callcap.errors import CaptureError, ConfigError
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_INPUT = 2
 
 
@@ -72,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("schema", help="print the JSON Schema of the per-call sidecar")
     archive_cli.add_parsers(sub)
+    for name, what in (("pause", "pause"), ("resume", "resume")):
+        ctl = sub.add_parser(
+            name,
+            help=f"{what} the recording of a call in progress (PCI)",
+            description=f"Ask the running daemon, over its control socket, to {what} the "
+            "recording of one call. Exit 1 if the daemon cannot be reached or has no such call.",
+        )
+        ctl.add_argument("--call-id", required=True, metavar="ID", help="the call's SIP Call-ID")
+        ctl.add_argument("--config", metavar="FILE", help="YAML config naming control.socket")
+        ctl.add_argument("--socket", metavar="PATH", help="control socket (overrides the config)")
     return parser
 
 
@@ -85,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _daemon(args)
     if args.command in ("verify", "hold", "retention", "erase"):
         return archive_cli.run(args)
+    if args.command in ("pause", "resume"):
+        return _control(args)
     return EXIT_INPUT  # pragma: no cover - argparse enforces the choices
 
 
@@ -108,6 +121,35 @@ def _daemon(args: argparse.Namespace) -> int:
         config, interfaces=args.interface, out=args.out, log_format=args.log_format, pcap=args.pcap
     )
     return daemon.run()
+
+
+def _control(args: argparse.Namespace) -> int:
+    from callcap.config.loader import load_config
+    from callcap.control import ControlError, request
+
+    path = args.socket
+    if path is None:
+        config_path = args.config
+        if config_path is None and os.path.exists(SYSTEM_CONFIG):
+            config_path = SYSTEM_CONFIG
+        try:
+            path = load_config(config_path).control.socket
+        except ConfigError as exc:
+            _error(str(exc))
+            return EXIT_INPUT
+        if path is None:
+            _error("control.socket is disabled in the config")
+            return EXIT_FAILED
+    try:
+        reply = request(path, args.command, args.call_id)
+    except ControlError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    sys.stdout.write(json.dumps(reply) + "\n")
+    if not reply.get("ok"):
+        _error(str(reply.get("error", "the daemon refused the request")))
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _error(message: str) -> None:

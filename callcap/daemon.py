@@ -21,6 +21,7 @@ from callcap.capture.live import LiveCapture, build_filter
 from callcap.capture.pcapfile import CaptureReader
 from callcap.config.loader import load_config
 from callcap.config.schema import Config
+from callcap.control import ControlError, ControlServer
 from callcap.errors import CaptureError, ConfigError
 from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
@@ -74,6 +75,7 @@ class Daemon:
         self._reload = False
         self.notifier = Notifier()
         self.log: Any = get_logger("callcap.daemon")
+        self.control: ControlServer | None = None
 
     def _on_stop(self, signum: int, _frame: FrameType | None) -> None:
         self._stop = True
@@ -106,12 +108,31 @@ class Daemon:
             log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
             return EXIT_CAPTURE
         pipeline = Pipeline(config, out, log, durable=True)
+        self.control = self._open_control(config, pipeline)
         try:
             if self.pcap is not None:
                 return self._replay(pipeline, self.pcap)
             return self._live(pipeline, config)
         finally:
+            if self.control is not None:
+                self.control.close()
             self.notifier.close()
+
+    def _open_control(self, config: Config, pipeline: Pipeline) -> ControlServer | None:
+        """The pause/resume socket; recording goes on without it if it cannot be opened."""
+        if config.control.socket is None:
+            return None
+        try:
+            server = ControlServer(
+                config.control.socket,
+                lambda command, call_id: pipeline.control_pause(call_id, command == "pause"),
+                group=config.control.group,
+            )
+        except ControlError as exc:
+            self.log.error("control_unavailable", error=str(exc))
+            return None
+        self.log.info("control_listening", socket=config.control.socket)
+        return server
 
     def _live(self, pipeline: Pipeline, config: Config) -> int:
         log = self.log
@@ -133,6 +154,8 @@ class Daemon:
             while not self._stop:
                 for ts, linktype, frame in source.poll(POLL_S):
                     pipeline.feed(ts, linktype, frame)
+                if self.control is not None:
+                    self.control.poll()
                 now = time.time()
                 if now >= pipeline.next_tick:
                     pipeline.tick(now)

@@ -508,6 +508,55 @@ class Pipeline:
         src = (ip_text(dg.src), dg.sport)
         dst = (ip_text(dg.dst), dg.dport)
         self._handle(self.tracker.on_message(msg, ts, src, dst, transport))
+        if msg.is_request:
+            self._pci_signal(ts, msg)
+
+    def _pci_signal(self, ts: float, msg: SipMessage) -> None:
+        """A pause or resume signalled in SIP: the configured header in any in-dialog
+        request (``sip_header``; ``sip_info`` when the request is an INFO), or an INFO whose
+        body of the configured type is the pause or resume value."""
+        pci = self.config.pci
+        value = msg.header(pci.sip_header.name)
+        by = "sip_info" if msg.method == "INFO" else "sip_header"
+        if value is None and msg.method == "INFO" and msg.body:
+            ctype = (msg.content_type or "").lower()
+            if ctype == pci.info_content_type.lower():
+                value = msg.body.decode("utf-8", "replace")
+        if value is None:
+            return
+        rec = self.recorders.get(msg.call_id)
+        if rec is None:
+            return
+        word = value.strip().lower()
+        if word == pci.sip_header.pause.lower():
+            self._pause(rec, True, by, rec.position(ts))
+        elif word == pci.sip_header.resume.lower():
+            self._pause(rec, False, by, rec.position(ts))
+
+    def _pause(self, rec: CallRecorder, pause: bool, by: str, pos: int | None) -> bool:
+        changed = rec.pause(by, pos) if pause else rec.resume(by, pos)
+        if changed:
+            self.log.info(
+                "recording_paused" if pause else "recording_resumed",
+                call_uid=rec.call_uid,
+                by=by,
+                at_s=rec.pauses[-1][0 if pause else 1] / 8000,
+            )
+        return changed
+
+    def control_pause(self, call_id: str, pause: bool) -> dict[str, Any]:
+        """``callcap pause|resume``: the answer the control socket sends back."""
+        rec = self.recorders.get(call_id)
+        if rec is None:
+            return {"ok": False, "error": f"no call in progress with Call-ID {_short(call_id)}"}
+        now = self.now if math.isfinite(self.now) else None
+        changed = self._pause(rec, pause, "control", None if now is None else rec.position(now))
+        return {
+            "ok": True,
+            "call_uid": rec.call_uid,
+            "paused": rec.paused,
+            "changed": changed,
+        }
 
     def _handle(self, events: list[Event]) -> None:
         for event in events:

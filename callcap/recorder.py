@@ -31,6 +31,7 @@ from callcap.capture.sdp import STATIC_PAYLOAD_TYPES, MediaDescription, RtpMap
 from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
+from callcap.codecs.inband import InbandDtmfDetector
 from callcap.config.schema import Config
 from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
@@ -50,6 +51,19 @@ CHANNELS = ("caller", "callee")
 MAX_GAPS = 1000
 MAX_DTMF = 1000
 MAX_WARNINGS = 100
+MAX_PAUSES = 1000
+#: An in-band key within this many samples (100 ms) of the same key signalled out of band
+#: (RFC 4733 or SIP INFO) by the same side is the same key press, listed once.
+DUPLICATE_WINDOW = TIMELINE_RATE // 10
+#: Keys of a pause/resume sequence follow each other within 5 s.
+SEQUENCE_GAP = 5 * TIMELINE_RATE
+#: With in-band detection on, the newest 64 ms of decoded audio wait for the next block:
+#: a key that completes the pause sequence is recognised up to about 30 ms after its tone
+#: ends, and the audio after it must still be in memory to be silenced.
+INBAND_HOLD = 64 * TIMELINE_RATE // 1000
+#: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
+#: until the audio this long past its start has been analysed.
+INBAND_LAG = 150 * TIMELINE_RATE // 1000
 
 
 class PayloadKind:
@@ -163,6 +177,16 @@ class CallRecorder:
         self.dtmf: list[dict[str, Any]] = []
         self.warnings: list[dict[str, str]] = []
         self._warned: set[str] = set()
+        #: PCI pauses as [from, to (None while open), by] in timeline samples.
+        self.pauses: list[list[Any]] = []
+        self._keys: list[tuple[str, int]] = []
+        self._recent: list[tuple[str, str, bool, int]] = []
+        self._inband: list[InbandDtmfDetector] | None = None
+        self._inband_origin = [0, 0]
+        self._fed = 0
+        self._deferred: list[tuple[int, str, str, str, int | None]] = []
+        if config.dtmf.inband:
+            self._inband = [InbandDtmfDetector(), InbandDtmfDetector()]
 
     # -- signalling input ---------------------------------------------------------------------
 
@@ -176,8 +200,62 @@ class CallRecorder:
             )
 
     def add_info_dtmf(self, side: str, digit: str, duration_ms: int | None, ts: float) -> None:
-        at = None if self.origin is None else round(ts - self.origin, 3)
-        self._add_dtmf(digit, side, "sip_info", at, duration_ms)
+        pos = self.position(ts)
+        self._signalled(digit, side, "sip_info", pos, duration_ms)
+
+    # -- PCI pause --------------------------------------------------------------------------------
+
+    def position(self, ts: float) -> int | None:
+        """Timeline sample of capture time ``ts`` (None before the call's first RTP)."""
+        if self.origin is None:
+            return None
+        return max(0, round((ts - self.origin) * TIMELINE_RATE))
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.pauses) and self.pauses[-1][1] is None
+
+    def pause(self, by: str, pos: int | None) -> bool:
+        """Silence both channels from timeline sample ``pos`` on; False if already paused.
+
+        Audio already on disk cannot be taken back, so a pause never starts before the
+        first unwritten sample.
+        """
+        if self.paused:
+            return False
+        if len(self.pauses) >= MAX_PAUSES:
+            self.warn("pauses_omitted", f"more than {MAX_PAUSES} pauses; pausing no more")
+            return False
+        self.pauses.append([max(pos or 0, self.written), None, by])
+        return True
+
+    def resume(self, by: str, pos: int | None) -> bool:
+        """End the open pause at timeline sample ``pos``; False if not paused."""
+        if not self.paused:
+            return False
+        span = self.pauses[-1]
+        span[1] = max(pos if pos is not None else self.written, span[0])
+        return True
+
+    def paused_at(self, pos: int | None) -> bool:
+        if pos is None:
+            return self.paused
+        return any(a <= pos and (b is None or pos < b) for a, b, _ in self.pauses)
+
+    def _silenced(self, block: npt.NDArray[np.int16], start: int) -> npt.NDArray[np.int16]:
+        """``block`` (samples from ``start``) with every paused span zeroed, as a copy."""
+        end = start + len(block)
+        spans = [
+            (max(a, start), min(end if b is None else b, end))
+            for a, b, _ in self.pauses
+            if a < end and (b is None or b > start)
+        ]
+        if not spans:
+            return block
+        out = block.copy()
+        for a, b in spans:
+            out[a - start : b - start] = 0
+        return out
 
     def warn(self, code: str, detail: str) -> None:
         key = f"{code}\x00{detail}"
@@ -322,7 +400,9 @@ class CallRecorder:
             horizon = max(round((end - self.origin) * TIMELINE_RATE), last, self.written)
             if self._carry is not None:
                 horizon = max(horizon, self.written + len(self._carry))
-            self._write_until(horizon)
+            self._write_until(horizon, final=True)
+        if self.paused:
+            self.pauses[-1][1] = max(self.written, self.pauses[-1][0])
         keep_audio = call.answer is not None
         write_sidecar = keep_audio or self.config.recording.record_failed_calls
         writer: WavWriter | None = None
@@ -426,19 +506,98 @@ class CallRecorder:
 
     def _event_digit(self, ctx: _StreamContext, digit: DtmfDigit) -> None:
         pos = ctx.stream.position(digit.start_ts)
-        at = None if pos is None else round(pos / TIMELINE_RATE, 3)
         duration = round(digit.duration * 1000 / (ctx.stream.clock_rate or TIMELINE_RATE))
-        self._add_dtmf(digit.digit, ctx.stream.side, "rfc4733", at, duration)
+        self._signalled(digit.digit, ctx.stream.side, "rfc4733", pos, duration)
+
+    def _signalled(
+        self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
+    ) -> None:
+        """A key signalled out of band arrives before the audio around it is analysed (up
+        to a flush interval later); it waits until then, so that keys are taken in the
+        order they were pressed whatever carried them: a pause keyed in-band covers the
+        RFC 4733 keys that follow it."""
+        if self._inband is not None and pos is not None and pos + INBAND_LAG > self._fed:
+            self._deferred.append((pos, digit, side, source, duration_ms))
+            return
+        self._add_dtmf(digit, side, source, pos, duration_ms)
+
+    def _release_deferred(self, final: bool) -> None:
+        if not self._deferred:
+            return
+        self._deferred.sort(key=lambda d: d[0])
+        ready = [d for d in self._deferred if final or d[0] + INBAND_LAG <= self._fed]
+        self._deferred = self._deferred[len(ready) :]
+        for pos, digit, side, source, duration_ms in ready:
+            self._add_dtmf(digit, side, source, pos, duration_ms)
 
     def _add_dtmf(
-        self, digit: str, side: str, source: str, at: float | None, duration_ms: int | None
+        self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
     ) -> None:
+        """One key press from any source: deduplicated, matched against the pause/resume
+        sequences, and listed unless it was pressed while paused."""
+        inband = source == "inband"
+        if pos is not None:
+            for r_digit, r_side, r_inband, r_pos in self._recent:
+                if (
+                    r_digit == digit
+                    and r_side == side
+                    and r_inband != inband
+                    and abs(r_pos - pos) <= DUPLICATE_WINDOW
+                ):
+                    if not inband:
+                        # the signalled copy wins: replace the tone heard earlier
+                        self.dtmf[:] = [
+                            d
+                            for d in self.dtmf
+                            if not (
+                                d["source"] == "inband"
+                                and d["digit"] == digit
+                                and d["side"] == side
+                                and d["at_s"] == round(r_pos / TIMELINE_RATE, 3)
+                            )
+                        ]
+                        self._recent.append((digit, side, inband, pos))
+                        self._store_dtmf(digit, side, source, pos, duration_ms)
+                    return
+            self._recent.append((digit, side, inband, pos))
+            del self._recent[:-32]
+        stored = self._store_dtmf(digit, side, source, pos, duration_ms)
+        if side == self.config.pci.agent_side:
+            end = None if pos is None else pos + round((duration_ms or 0) * TIMELINE_RATE / 1000)
+            self._sequence(digit, end, stored)
+
+    def _store_dtmf(
+        self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
+    ) -> bool:
+        if self.paused_at(pos):
+            return False  # PCI: keys pressed while paused are never stored
         if len(self.dtmf) >= MAX_DTMF:
             self.warn("dtmf_omitted", f"more than {MAX_DTMF} DTMF digits; the rest are not listed")
-            return
+            return False
+        at = None if pos is None else round(pos / TIMELINE_RATE, 3)
         self.dtmf.append(
             {"digit": digit, "side": side, "source": source, "at_s": at, "duration_ms": duration_ms}
         )
+        return True
+
+    def _sequence(self, digit: str, end: int | None, stored: bool) -> None:
+        """The agent's keys: the pause sequence pauses after its last key, the resume
+        sequence resumes after its last key."""
+        keys = self._keys
+        if end is None:
+            end = self.written
+        if keys and end - keys[-1][1] > SEQUENCE_GAP:
+            keys.clear()
+        keys.append((digit, end))
+        del keys[:-8]
+        typed = "".join(k for k, _ in keys)
+        pci = self.config.pci
+        if not self.paused and typed.endswith(pci.pause_dtmf):
+            keys.clear()
+            self.pause("dtmf", end)
+        elif self.paused and typed.endswith(pci.resume_dtmf):
+            keys.clear()
+            self.resume("dtmf", end)
 
     def _gap(self, side: str, start: int, end: int) -> None:
         if end <= start:
@@ -465,8 +624,12 @@ class CallRecorder:
         assert self._part is not None
         return self._part
 
-    def _write_until(self, horizon: int) -> None:
-        """Decode and write samples ``[written, horizon)``; later samples stay queued."""
+    def _write_until(self, horizon: int, *, final: bool = False) -> None:
+        """Decode and write samples ``[written, horizon)``; later samples stay queued.
+
+        Paused spans are zeroed in what is analysed and written, never in memory before
+        that: a pause is exact to the sample wherever it falls in a block.
+        """
         start = self.written
         n = horizon - start
         if n <= 0:
@@ -495,11 +658,52 @@ class CallRecorder:
         for ch, groups in placed:
             for _decoder, index, samples in groups:
                 block[index, ch] = samples
+        if self._inband is not None:
+            self._detect_inband(block, start, n, final=final)
+            self._release_deferred(final)
+        w = n if final or self._inband is None else max(0, n - INBAND_HOLD)
         writer = self._writer
         assert writer is not None
-        writer.write(block[:n])
-        self._carry = block[n:].copy() if length > n else None
-        self.written = horizon
+        writer.write(self._silenced(block[:w], start))
+        self._carry = block[w:].copy() if length > w else None
+        self.written = start + w
+
+    def _detect_inband(
+        self, block: npt.NDArray[np.int16], start: int, n: int, *, final: bool
+    ) -> None:
+        """Feed the not yet analysed part of the block to each channel's tone detector.
+
+        The agent's channel goes first: its keys may open a pause inside this block, and
+        then the other channel is analysed with that pause already silenced.  The agent's
+        detector, which has heard past the pause's start, is replaced by a fresh one that
+        hears only the silence: nothing said or keyed while paused is ever analysed.
+        """
+        assert self._inband is not None
+        agent = CHANNELS.index(self.config.pci.agent_side)
+        begin = max(self._fed, start)
+        end = start + n
+        if end <= begin:
+            return
+        for ch in (agent, 1 - agent):
+            opened = len(self.pauses)
+            audio = self._silenced(np.ascontiguousarray(block[begin - start : n, ch]), begin)
+            found = self._inband[ch].feed(audio)
+            if final:
+                found += self._inband[ch].flush()
+            for digit in found:
+                self._add_dtmf(
+                    digit.digit,
+                    CHANNELS[ch],
+                    "inband",
+                    self._inband_origin[ch] + digit.start,
+                    round(digit.duration * 1000 / TIMELINE_RATE),
+                )
+            if len(self.pauses) > opened and self.paused:
+                origin = max(int(self.pauses[-1][0]), begin)
+                self._inband[ch] = InbandDtmfDetector()
+                self._inband_origin[ch] = origin
+                self._inband[ch].feed(np.zeros(max(0, end - origin), dtype=np.int16))
+        self._fed = end
 
     def _sidecar(
         self, keep_audio: bool, audio_format: str, frames: int, file_name: str
@@ -564,6 +768,14 @@ class CallRecorder:
             "gaps": gaps,
             "gaps_omitted": self.gaps_omitted,
             "dtmf": self.dtmf,
+            "pauses": [
+                {
+                    "from_s": round(a / TIMELINE_RATE, 6),
+                    "to_s": round((b if b is not None else self.written) / TIMELINE_RATE, 6),
+                    "by": by,
+                }
+                for a, b, by in self.pauses
+            ],
             "consent": {
                 "mode": consent_mode,
                 "rule": None,

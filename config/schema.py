@@ -317,6 +317,54 @@ class RetentionConfig:
     sweep_interval_s: float = field(default=3600.0, metadata={"check": (0, None)})
 
 
+def _key_sequence(value: str) -> str | None:
+    if not value or len(value) > 8 or any(c not in "0123456789*#ABCD" for c in value):
+        return f"must be 1 to 8 DTMF keys (0-9, *, #, A-D), got {value[:20]!r}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class DtmfConfig:
+    """Which DTMF sources are listened to besides RFC 4733 events and SIP INFO."""
+
+    #: Detect keypad tones in the decoded audio (ITU-T Q.24 limits).
+    inband: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PciHeader:
+    """A SIP header that pauses or resumes recording (re-INVITE, UPDATE, INFO …)."""
+
+    name: str = field(default="X-Recording-Pause", metadata={"check": _non_empty})
+    pause: str = field(default="on", metadata={"check": _non_empty})
+    resume: str = field(default="off", metadata={"check": _non_empty})
+
+
+@dataclass(frozen=True, slots=True)
+class PciConfig:
+    """Pausing the recording while card data is spoken or keyed (PCI DSS)."""
+
+    #: The agent's side: only its keypad pauses and resumes.
+    agent_side: Literal["caller", "callee"] = "callee"
+    pause_dtmf: str = field(default="*7", metadata={"check": _key_sequence})
+    resume_dtmf: str = field(default="*8", metadata={"check": _key_sequence})
+    sip_header: PciHeader = field(default_factory=PciHeader)
+    #: SIP INFO with this Content-Type whose body is the header's pause/resume value.
+    info_content_type: str = field(
+        default="application/x-callcap-pause", metadata={"check": _non_empty}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The daemon's local control socket (``callcap pause|resume``)."""
+
+    #: UNIX socket path; null disables the control socket.
+    socket: str | None = "/run/callcap/control.sock"
+    #: Group owning the socket (mode 0660); null keeps the daemon's own group.
+    group: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Log rendering and the periods of the rate-limited and periodic events."""
@@ -340,4 +388,7 @@ class Config:
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dtmf: DtmfConfig = field(default_factory=DtmfConfig)
+    pci: PciConfig = field(default_factory=PciConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     source: str = field(default="<defaults>", metadata={"internal": True})

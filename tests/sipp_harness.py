@@ -56,12 +56,14 @@ def free_port_pair() -> int:
     raise RuntimeError("no free RTP port pair on loopback")
 
 
-def make_speech(text: str, tmp: Path, *, voice: str = "en") -> npt.NDArray[np.int16]:
+def make_speech(
+    text: str, tmp: Path, *, voice: str = "en", speed: int = 150, pitch: int = 50
+) -> npt.NDArray[np.int16]:
     """Speech from espeak-ng as 8 kHz mono int16 (resampled by sox)."""
     wav = tmp / "speech.wav"
     raw = tmp / "speech.s16"
     subprocess.run(
-        ["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text],
+        ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(wav), text],
         check=True,
         capture_output=True,
         timeout=60,

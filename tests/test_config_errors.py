@@ -214,7 +214,7 @@ CASES: list[tuple[str, str, str, str]] = [
         "source: other.yaml   # <-\n",
         "source",
         "unknown key (expected one of: capture, calls, rtp, recording, consent, retention, "
-        "logging)",
+        "logging, dtmf, pci, control)",
     ),
 ]
 
