@@ -26,6 +26,7 @@ from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
 from callcap.sdnotify import Notifier
 from callcap.storage.layout import ensure_dir
+from callcap.storage.spool import recover_spool
 
 POLL_S = 0.25
 EXIT_OK = 0
@@ -104,6 +105,7 @@ class Daemon:
         except OSError as exc:
             log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
             return EXIT_CAPTURE
+        self._recover(config, out)
         pipeline = Pipeline(config, out, log, durable=True)
         try:
             if self.pcap is not None:
@@ -111,6 +113,34 @@ class Daemon:
             return self._live(pipeline, config)
         finally:
             self.notifier.close()
+
+    def _recover(self, config: Config, out: Path) -> None:
+        """Publish the calls a previous run left in the spool (crash, kill -9, power cut).
+
+        Runs before capturing, so the spool holds only dead writers' files (and those of
+        another live callcap on the same directory, which are left alone).
+        """
+        recovered, damaged = recover_spool(
+            out, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
+        )
+        for call in recovered:
+            self.log.info(
+                "call_recovered",
+                call_uid=call.call_uid,
+                path=str(call.wav.path),
+                sidecar=str(call.sidecar),
+                bytes=call.wav.size,
+                sha256=call.wav.sha256,
+                duration_s=call.duration_s,
+                audio_s=call.audio_s,
+            )
+        for entry in damaged:
+            self.log.error(
+                "spool_entry_damaged",
+                entry=entry.name,
+                reason=entry.reason,
+                moved_to=[str(p) for p in entry.moved_to],
+            )
 
     def _live(self, pipeline: Pipeline, config: Config) -> int:
         log = self.log

@@ -270,7 +270,15 @@ class Pipeline:
             elif isinstance(event, CallStarted):
                 self._start(event)
             elif isinstance(event, CallAnswered):
-                self.log.info("call_answered", call_id=_short(event.call.call_id), ts=event.ts)
+                rec = self.recorders.get(event.call.call_id)
+                self.log.info(
+                    "call_answered",
+                    call_uid=rec.call_uid if rec is not None else None,
+                    call_id=_short(event.call.call_id),
+                    ts=event.ts,
+                )
+                if rec is not None:
+                    self._checkpoint(rec, event.ts)
             elif isinstance(event, DtmfSignalled):
                 rec = self.recorders.get(event.call.call_id)
                 if rec is not None:
@@ -297,6 +305,14 @@ class Pipeline:
             caller_ip=call.caller_ip,
             callee_ip=call.callee_ip,
         )
+        self._checkpoint(rec, event.ts)
+
+    def _checkpoint(self, rec: CallRecorder, ts: float) -> None:
+        """Save a call's facts to the spool (durable mode); a failure costs this call only."""
+        try:
+            rec.checkpoint(ts)
+        except (OSError, CallcapError) as exc:
+            self.drops.drop("spool_write_failed", ts, call_uid=rec.call_uid, detail=str(exc)[:300])
 
     def _media(self, event: MediaOffered) -> None:
         call_id = event.call.call_id
@@ -322,6 +338,7 @@ class Pipeline:
                 or (flow.dst, flow.dport) in announced
             )
         )
+        self._checkpoint(rec, event.ts)
 
     def _forget_flows(self, stale: Callable[[_FastFlow], bool]) -> None:
         """Drop fast-lane flows in place (``run`` holds a reference to this very dict)."""

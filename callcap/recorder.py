@@ -32,9 +32,10 @@ from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.config.schema import Config
-from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
+from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem, unique_stem
 from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
+from callcap.storage.spool import CallFacts, audio_path, facts_path, remove_entry, save_facts
 from callcap.storage.wav import WavWriter
 
 Decoder = Callable[[bytes], npt.NDArray[np.int16]]
@@ -93,6 +94,7 @@ class CallRecorder:
         self.durable = durable
         self.sources = sources
         self.call_uid = make_call_uid(call.call_id, call.from_.tag, call.start)
+        self._pid = os.getpid()
         self.origin: float | None = None
         self.last_rtp = 0.0
         self.written = 0
@@ -214,6 +216,25 @@ class CallRecorder:
             self._write_until(horizon)
             if self.durable and self._writer is not None:
                 self._writer.flush()
+        self.checkpoint(now)
+
+    def checkpoint(self, now: float) -> None:
+        """Durable mode: save the call's facts beside its spool audio (crash recovery).
+
+        Called when the call starts, answers or changes media and after every flush, so the
+        facts on disk always describe at least the audio the spool file's header promises.
+        The recovered sidecar ends at ``now``, with ``end_reason: "recovered"``.
+        """
+        if not self.durable:
+            return
+        doc = self._sidecar(None, "WAV", self.written, "", end=now, end_reason="recovered")
+        facts = CallFacts(self.call_uid, self.call.start, now, doc)
+        save_facts(
+            facts_path(self.out_dir, self.call_uid, self._pid),
+            facts,
+            file_mode=self.config.recording.file_mode,
+            dir_mode=self.config.recording.dir_mode,
+        )
 
     def finish(self, end: float) -> Published:
         """Drain everything, close the spool file and publish (or discard) the recording."""
@@ -236,7 +257,7 @@ class CallRecorder:
         keep_audio = call.answer is not None
         wav: PublishedFile | None = None
         stem = recording_stem(self.out_dir, call.start, self.call_uid)
-        stem = _unique_stem(stem)
+        stem = unique_stem(stem)
         if keep_audio:
             part = self._ensure_writer() if self._writer is None else self._part
             assert part is not None
@@ -265,6 +286,8 @@ class CallRecorder:
                 dir_mode=self.config.recording.dir_mode,
             )
             sidecar = published.path
+        if self.durable:
+            remove_entry(self.out_dir, self.call_uid, self._pid)
         return Published(self.call_uid, sidecar, wav, doc)
 
     def discard(self) -> None:
@@ -276,6 +299,8 @@ class CallRecorder:
             with contextlib.suppress(FileNotFoundError):
                 self._part.unlink()
             self._part = None
+        if self.durable:
+            remove_entry(self.out_dir, self.call_uid, self._pid)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -371,9 +396,8 @@ class CallRecorder:
 
     def _ensure_writer(self) -> Path:
         if self._writer is None:
-            spool = spool_dir(self.out_dir)
-            spool.mkdir(parents=True, exist_ok=True, mode=self.config.recording.dir_mode)
-            self._part = spool / f"{self.call_uid}-{os.getpid()}.wav.part"
+            self._part = audio_path(self.out_dir, self.call_uid, self._pid)
+            ensure_dir(self._part.parent, self.config.recording.dir_mode)
             self._writer = WavWriter(self._part, sample_rate=TIMELINE_RATE, channels=2)
         assert self._part is not None
         return self._part
@@ -415,15 +439,26 @@ class CallRecorder:
         self.written = horizon
 
     def _sidecar(
-        self, wav: PublishedFile | None, audio_format: str, frames: int, file_name: str
+        self,
+        wav: PublishedFile | None,
+        audio_format: str,
+        frames: int,
+        file_name: str,
+        *,
+        end: float | None = None,
+        end_reason: str | None = None,
     ) -> dict[str, Any]:
+        """The sidecar document; with ``end`` given (a spool checkpoint) the ``audio`` object
+        is filled as far as it is known before the file is published."""
         call = self.call
-        end = call.end if call.end is not None else call.last_activity
+        checkpoint = end is not None
+        if end is None:
+            end = call.end if call.end is not None else call.last_activity
         cfg = self.config
         consent_mode = cfg.consent.default.mode
         keep = cfg.retention.default.keep
         audio: dict[str, Any] | None = None
-        if wav is not None:
+        if wav is not None or checkpoint:
             audio = {
                 "file": file_name,
                 "format": audio_format,
@@ -435,8 +470,8 @@ class CallRecorder:
                 "start": iso_utc(
                     self.origin if self.origin is not None else (call.answer or call.start)
                 ),
-                "sha256": wav.sha256,
-                "bytes": wav.size,
+                "sha256": wav.sha256 if wav is not None else "",
+                "bytes": wav.size if wav is not None else 0,
             }
         streams = [
             self._stream_doc(ctx)
@@ -464,7 +499,7 @@ class CallRecorder:
             "end": iso_utc(end),
             "duration_s": round(max(0.0, end - call.start), 3),
             "talk_s": round(max(0.0, end - call.answer), 3) if call.answer is not None else None,
-            "end_reason": call.end_reason or "capture_end",
+            "end_reason": end_reason or call.end_reason or "capture_end",
             "final_status": call.final_status,
             "transport": call.transport,
             "user_agents": [
@@ -595,16 +630,6 @@ def _party(addr: Any) -> dict[str, str | None]:
         "display_name": clean_text(addr.display_name, 256),
         "tag": clean_text(addr.tag, 256),
     }
-
-
-def _unique_stem(stem: Path) -> Path:
-    """Never overwrite a published recording: the same call recorded twice gets a suffix."""
-    candidate = stem
-    n = 1
-    while candidate.with_suffix(".wav").exists() or candidate.with_suffix(".json").exists():
-        candidate = stem.with_name(f"{stem.name}-{n}")
-        n += 1
-    return candidate
 
 
 __all__ = ["CHANNELS", "CallRecorder", "Published"]
