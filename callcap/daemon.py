@@ -29,6 +29,7 @@ from callcap.storage.layout import ensure_dir
 from callcap.storage.spool import recover_spool
 
 POLL_S = 0.25
+DRAIN_S = 1.0
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_CAPTURE = 3
@@ -233,8 +234,23 @@ class Daemon:
     def _shutdown(self, pipeline: Pipeline, source: LiveCapture | None) -> None:
         self.notifier.stopping()
         self.log.info("daemon_stopping", reason="signal", active_calls=len(pipeline.recorders))
+        if source is not None:
+            _drain(pipeline, source)
         pipeline.close("shutdown", time.time())
         self._stats(pipeline, source)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def _drain(pipeline: Pipeline, source: LiveCapture) -> None:
+    """Feed what the kernel already holds for us, so a call ended by shutdown keeps the audio
+    captured up to the signal instead of losing the last poll interval (bounded in time, so
+    a flood cannot delay the exit past the unit's stop timeout)."""
+    deadline = time.monotonic() + DRAIN_S
+    while time.monotonic() < deadline:
+        frames = source.poll(0)
+        if not frames:
+            return
+        for ts, linktype, frame in frames:
+            pipeline.feed(ts, linktype, frame)
