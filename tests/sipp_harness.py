@@ -273,13 +273,27 @@ def run_call(
     dtmf: tuple[tuple[float, str], ...] = (),
     bye_by: str = "caller",
     reject: int | None = None,
+    cancel: bool = False,
     timeout: float = 60.0,
+    uac_ip: str = LOOPBACK,
+    uas_ip: str = LOOPBACK,
+    uac_netns: str | None = None,
+    uas_netns: str | None = None,
+    capture_on: str | None = "lo",
 ) -> CallRun:
-    """One sipp call over loopback, captured with tcpdump."""
+    """One sipp call, over loopback by default, captured with tcpdump on ``capture_on``.
+
+    With ``uac_netns``/``uas_netns`` each peer runs inside that network namespace (the
+    test's own) on the address given; ``capture_on=None`` skips tcpdump (the recorder under
+    test is then the only capture).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     pt = "0" if codec == "PCMU" else "8"
     caller = callee = None
-    if reject is None:
+    if cancel:
+        uac = _render("uac_cancel.xml", payload_type=pt, codec=codec)
+        uas = _render("uas_ring_cancel.xml")
+    elif reject is None:
         (tmp / "a").mkdir(exist_ok=True)
         (tmp / "b").mkdir(exist_ok=True)
         caller = write_rtp_pcap(
@@ -331,11 +345,9 @@ def run_call(
     uas_media, uac_media = free_port_pair(), free_port_pair()
     capture = tmp / "call.pcap"
     run = CallRun(capture, caller, callee)
+    uac_prefix = ["ip", "netns", "exec", uac_netns] if uac_netns else []
+    uas_prefix = ["ip", "netns", "exec", uas_netns] if uas_netns else []
     common = [
-        "-i",
-        LOOPBACK,
-        "-mi",
-        LOOPBACK,
         "-m",
         "1",
         "-nostdin",
@@ -344,9 +356,11 @@ def run_call(
         f"{int(timeout)}s",
         "-timeout_error",
     ]
-    with tcpdump(capture):
+    sniffer = tcpdump(capture, capture_on) if capture_on else contextlib.nullcontext()
+    with sniffer:
         uas_proc = subprocess.Popen(
             [
+                *uas_prefix,
                 "sipp",
                 "-sf",
                 str(tmp / "uas.xml"),
@@ -354,6 +368,10 @@ def run_call(
                 str(uas_port),
                 "-mp",
                 str(uas_media),
+                "-i",
+                uas_ip,
+                "-mi",
+                uas_ip,
                 *common,
             ],
             cwd=tmp,
@@ -364,14 +382,19 @@ def run_call(
             time.sleep(0.5)
             uac_proc = subprocess.run(
                 [
+                    *uac_prefix,
                     "sipp",
                     "-sf",
                     str(tmp / "uac.xml"),
-                    f"{LOOPBACK}:{uas_port}",
+                    f"{uas_ip}:{uas_port}",
                     "-p",
                     str(uac_port),
                     "-mp",
                     str(uac_media),
+                    "-i",
+                    uac_ip,
+                    "-mi",
+                    uac_ip,
                     *common,
                 ],
                 cwd=tmp,
