@@ -1,6 +1,7 @@
 """A running ``callcap daemon`` for tests: started as a real process, with a notify socket.
 
-The test owns the notify socket (a Unix datagram socket in its temp dir, as systemd's is)
+``netns`` runs it inside a network namespace (the notify socket is a path, which every
+namespace shares).  The test owns the notify socket (a Unix datagram socket in its temp dir, as systemd's is)
 and reads what the daemon announces; stdout is the JSON log, collected by a reader thread so
 the pipe never fills while the test waits on something else.
 """
@@ -27,7 +28,7 @@ class RunningDaemon:
         args: Sequence[str],
         *,
         env: dict[str, str] | None = None,
-        prefix: Sequence[str] = (),
+        netns: str | None = None,
         name: str = "daemon",
     ) -> None:
         self.notify_path = tmp / f"{name}-notify.sock"
@@ -36,6 +37,7 @@ class RunningDaemon:
         self.notifications: list[tuple[float, str]] = []
         self.lines: list[str] = []
         self._stderr: list[str] = []
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "callcap", "daemon", *args],

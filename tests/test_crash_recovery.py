@@ -59,19 +59,25 @@ def _assert_whole(out: Path) -> None:
             assert w.getnframes() == doc["audio"]["frames"]
 
 
-def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path) -> None:
+def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netns: str) -> None:
     rng = random.Random(SEED)
     out = tmp_path / "out"
     args = ["--interface", "lo", "--out", str(out)]
     for rnd in range(ROUNDS):
         before = _published(out) if out.exists() else {}
-        daemon = RunningDaemon(tmp_path, args, name=f"run{rnd}")
+        daemon = RunningDaemon(tmp_path, args, netns=netns, name=f"run{rnd}")
         try:
             daemon.wait_ready()
             result: list[CallRun] = []
             call = threading.Thread(
                 target=lambda r=rnd, sink=result: sink.append(
-                    run_call(tmp_path / f"call{r}", timeout=30)
+                    run_call(
+                        tmp_path / f"call{r}",
+                        timeout=30,
+                        uac_netns=netns,
+                        uas_netns=netns,
+                        capture_on=None,
+                    )
                 )
             )
             started = time.monotonic()
@@ -91,7 +97,7 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path) -> N
         assert sorted(p.name for p in spool.glob("*.wav.part")), "nothing was in flight"
         assert _published(out) == before  # the kill harmed nothing published
 
-        restarted = RunningDaemon(tmp_path, args, name=f"restart{rnd}")
+        restarted = RunningDaemon(tmp_path, args, netns=netns, name=f"restart{rnd}")
         try:
             restarted.wait_ready()
             assert restarted.stop() == 0, restarted.stderr[-2000:]
@@ -137,7 +143,7 @@ def _dead_pid() -> int:
 
 
 def test_unrecoverable_spool_entries_are_moved_aside_and_live_ones_left_alone(
-    tmp_path: Path,
+    tmp_path: Path, netns: str
 ) -> None:
     out = tmp_path / "out"
     spool = out / ".spool"
@@ -152,7 +158,9 @@ def test_unrecoverable_spool_entries_are_moved_aside_and_live_ones_left_alone(
     stale_tmp = spool / f".cccccccccccccccc-{dead}.call.json.tmp-{dead}-140000"
     stale_tmp.write_text("{", encoding="utf-8")
 
-    other = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(tmp_path / "o2")], name="o")
+    other = RunningDaemon(
+        tmp_path, ["--interface", "lo", "--out", str(tmp_path / "o2")], netns=netns, name="o"
+    )
     try:
         other.wait_ready()
         alive = other.proc.pid
@@ -161,7 +169,7 @@ def test_unrecoverable_spool_entries_are_moved_aside_and_live_ones_left_alone(
         live_facts = spool / f"dddddddddddddddd-{alive}.call.json"
         live_facts.write_text("{}", encoding="utf-8")
 
-        daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)])
+        daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)], netns=netns)
         try:
             daemon.wait_ready()
             assert daemon.proc.poll() is None  # still running after the bad entries

@@ -15,64 +15,19 @@ the lifecycle events are all there.  The namespaces are removed whatever happens
 from __future__ import annotations
 
 import json
-import secrets
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import soundfile
 from daemon_harness import RunningDaemon, write_config
+from netns_harness import NetnsPair
 from sipp_harness import CallRun, best_lag, run_call
 
 from callcap.storage.sidecar import validate_sidecar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@dataclass(frozen=True, slots=True)
-class NetnsPair:
-    a: str
-    b: str
-    veth_a: str
-    veth_b: str
-    ip_a: str
-    ip_b: str
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def netns_pair() -> Iterator[NetnsPair]:
-    tag = secrets.token_hex(3)
-    net = f"10.{200 + secrets.randbelow(50)}.{secrets.randbelow(250) + 1}"
-    pair = NetnsPair(
-        f"callcap-a-{tag}", f"callcap-b-{tag}", f"cc{tag}a", f"cc{tag}b", f"{net}.1", f"{net}.2"
-    )
-    created: list[str] = []
-    try:
-        for ns in (pair.a, pair.b):
-            _ip("netns", "add", ns)
-            created.append(ns)
-        _ip(
-            "link", "add", pair.veth_a, "netns", pair.a, "type", "veth",
-            "peer", "name", pair.veth_b, "netns", pair.b,
-        )  # fmt: skip
-        for ns, dev, addr in ((pair.a, pair.veth_a, pair.ip_a), (pair.b, pair.veth_b, pair.ip_b)):
-            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield pair
-    finally:
-        for ns in created:  # deleting a namespace deletes its veth end, and so the pair
-            subprocess.run(["ip", "netns", "delete", ns], check=False, timeout=30)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
-    assert tag not in listed.stdout
 
 
 def test_concurrent_calls_across_a_veth_link_are_recorded(
@@ -87,7 +42,7 @@ def test_concurrent_calls_across_a_veth_link_are_recorded(
     daemon = RunningDaemon(
         tmp_path,
         ["--config", str(config), "--interface", net.veth_b, "--out", str(out)],
-        prefix=["ip", "netns", "exec", net.b],
+        netns=net.b,
     )
     peers = {
         "uac_ip": net.ip_a,

@@ -18,12 +18,13 @@ from daemon_harness import RunningDaemon, write_config
 pytestmark = pytest.mark.e2e
 
 
-def test_ready_then_periodic_watchdog_then_stopping(tmp_path: Path) -> None:
+def test_ready_then_periodic_watchdog_then_stopping(tmp_path: Path, netns: str) -> None:
     config = write_config(tmp_path / "callcap.yaml", "logging:\n  stats_interval_s: 0.5\n")
     daemon = RunningDaemon(
         tmp_path,
         ["--config", str(config), "--interface", "lo", "--out", str(tmp_path / "out")],
-        env={"WATCHDOG_USEC": "1000000"},  # ping every 0.5 s
+        env={"WATCHDOG_USEC": "1000000"},
+        netns=netns,  # ping every 0.5 s
     )
     try:
         ready_at = daemon.wait_ready()
@@ -55,8 +56,10 @@ def test_ready_then_periodic_watchdog_then_stopping(tmp_path: Path) -> None:
     assert len(stopping) == 1 and stopping[0] > pings[-1] - 1.0
 
 
-def test_no_watchdog_pings_without_watchdog_usec(tmp_path: Path) -> None:
-    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(tmp_path / "out")])
+def test_no_watchdog_pings_without_watchdog_usec(tmp_path: Path, netns: str) -> None:
+    daemon = RunningDaemon(
+        tmp_path, ["--interface", "lo", "--out", str(tmp_path / "out")], netns=netns
+    )
     try:
         daemon.wait_ready()
         end = time.monotonic() + 1.0

@@ -27,9 +27,12 @@ from callcap.storage.sidecar import validate_sidecar
 pytestmark = pytest.mark.e2e
 
 
-def _call_in_background(tmp: Path, sink: list[CallRun], **kwargs: object) -> threading.Thread:
+def _call_in_background(tmp: Path, sink: list[CallRun], netns: str) -> threading.Thread:
+    """A sipp call inside ``netns`` (its loopback), recorded only by the daemon under test."""
     thread = threading.Thread(
-        target=lambda: sink.append(run_call(tmp, timeout=30, **kwargs)),  # type: ignore[arg-type]
+        target=lambda: sink.append(
+            run_call(tmp, timeout=30, uac_netns=netns, uas_netns=netns, capture_on=None)
+        ),
     )
     thread.start()
     return thread
@@ -41,13 +44,13 @@ def _sidecar_of(event: dict[str, object]) -> dict[str, object]:
     return doc
 
 
-def test_sigterm_mid_call_publishes_it_whole_as_shutdown(tmp_path: Path) -> None:
+def test_sigterm_mid_call_publishes_it_whole_as_shutdown(tmp_path: Path, netns: str) -> None:
     out = tmp_path / "out"
-    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)])
+    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)], netns=netns)
     runs: list[CallRun] = []
     try:
         daemon.wait_ready()
-        call = _call_in_background(tmp_path / "call", runs)
+        call = _call_in_background(tmp_path / "call", runs, netns)
         daemon.wait_event("call_answered", timeout=15)
         time.sleep(2.5)
         assert daemon.stop(signal.SIGTERM) == 0, daemon.stderr[-2000:]
@@ -88,18 +91,18 @@ GOOD_NEW = "consent:\n  default:\n    mode: all_party\n"
 
 
 def test_sighup_keeps_old_config_when_broken_and_applies_a_good_one_to_new_calls(
-    tmp_path: Path,
+    tmp_path: Path, netns: str
 ) -> None:
     out = tmp_path / "out"
     config = write_config(tmp_path / "callcap.yaml", GOOD_OLD)
     daemon = RunningDaemon(
-        tmp_path, ["--config", str(config), "--interface", "lo", "--out", str(out)]
+        tmp_path, ["--config", str(config), "--interface", "lo", "--out", str(out)], netns=netns
     )
     first: list[CallRun] = []
     second: list[CallRun] = []
     try:
         daemon.wait_ready()
-        call = _call_in_background(tmp_path / "first", first)
+        call = _call_in_background(tmp_path / "first", first, netns)
         daemon.wait_event("call_answered", timeout=15)
 
         write_config(config, BROKEN)
@@ -119,7 +122,7 @@ def test_sighup_keeps_old_config_when_broken_and_applies_a_good_one_to_new_calls
         call.join(timeout=60)
         first_written = daemon.wait_event("recording_written", timeout=20)
 
-        call = _call_in_background(tmp_path / "second", second)
+        call = _call_in_background(tmp_path / "second", second, netns)
         call.join(timeout=60)
         second_written = daemon.wait_event(
             "recording_written",
