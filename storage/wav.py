@@ -205,9 +205,10 @@ def recover_spooled_wav(path: Path) -> tuple[int, str]:
     cut off rather than trusted (after a plain ``kill -9`` they would be intact, but one rule
     for both cases keeps "recovered" meaning the same thing).  If the file is shorter than
     the header claims, the frames actually present (rounded down to whole frames) count.  A
-    header that was never flushed (the RF64 placeholder libsndfile writes at open) counts as
-    zero frames.  The result is a RIFF/WAVE file with a plain PCM ``fmt `` chunk below
-    4 GiB, RF64 beyond, exactly as :meth:`WavWriter.close` leaves it.
+    header that was never flushed (the RF64 placeholder libsndfile writes at open, or the
+    RIFF header with an empty data chunk it writes on the first write) counts as zero
+    frames.  The result is a RIFF/WAVE file with a plain PCM ``fmt `` chunk below 4 GiB,
+    RF64 beyond, exactly as :meth:`WavWriter.close` leaves it.
 
     Raises :class:`StorageError` if the file is not a WAV this writer could have made.
     """
