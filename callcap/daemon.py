@@ -228,8 +228,16 @@ class Daemon:
                 "config_invalid", error=str(exc), file=exc.file, line=exc.line, key=exc.key
             )
             return
+        out = Path(config.recording.out_dir)
+        try:
+            ensure_dir(out, config.recording.dir_mode)
+        except OSError as exc:
+            self.log.error(
+                "output_unwritable", out_dir=str(out), error=exc.strerror or str(exc), kept="config"
+            )
+            return
         pipeline.reconfigure(config)
-        self.log.info("config_reloaded", config=config.source)
+        self.log.info("config_reloaded", config=config.source, out_dir=str(out))
 
     def _shutdown(self, pipeline: Pipeline, source: LiveCapture | None) -> None:
         self.notifier.stopping()

@@ -430,8 +430,10 @@ class Pipeline:
         return self._next_tick
 
     def reconfigure(self, config: Config) -> None:
-        """A reloaded config applies to calls starting from now on; calls in flight keep theirs."""
+        """A reloaded config applies to calls starting from now on; calls in flight keep theirs
+        (their settings and their output directory)."""
         self.config = config
+        self.out_dir = Path(config.recording.out_dir)
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
         self._interval = config.rtp.flush_interval_ms / 1000.0

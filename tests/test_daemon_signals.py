@@ -2,9 +2,10 @@
 
 SIGTERM in the middle of a call publishes that call whole (``end_reason: "shutdown"``) with
 the audio captured so far.  SIGHUP with a broken config logs ``config_invalid`` naming the
-file, line and key and keeps recording with the old config; with a good one it logs
-``config_reloaded``, the call in flight carries on under the config it started with, and
-the next call uses the new one (``consent.default.mode`` shows in the sidecar).
+file, line and key and keeps recording with the old config (a call started after it gets
+the old one); with a good one it logs ``config_reloaded``, the call in flight carries on
+under the config it started with, and the next call uses the new one: it is published under
+the new ``recording.out_dir`` and its sidecar shows the new ``consent.default.mode``.
 """
 
 from __future__ import annotations
@@ -85,40 +86,38 @@ def test_sigterm_mid_call_publishes_it_whole_as_shutdown(tmp_path: Path, netns: 
     assert not [p for p in (out / ".spool").rglob("*") if p.is_file()]
 
 
-GOOD_OLD = "consent:\n  default:\n    mode: one_party\n"
-BROKEN = "consent:\n  default:\n    mode: all_party\nrtp:\n  jitter_window_ms: 10\n"
-GOOD_NEW = "consent:\n  default:\n    mode: all_party\n"
+CONFIG = "recording:\n  out_dir: {out}\nconsent:\n  default:\n    mode: {mode}\n"
+BROKEN_TAIL = "rtp:\n  jitter_window_ms: 10\n"
 
 
 def test_sighup_keeps_old_config_when_broken_and_applies_a_good_one_to_new_calls(
     tmp_path: Path, netns: str
 ) -> None:
-    out = tmp_path / "out"
-    config = write_config(tmp_path / "callcap.yaml", GOOD_OLD)
-    daemon = RunningDaemon(
-        tmp_path, ["--config", str(config), "--interface", "lo", "--out", str(out)], netns=netns
-    )
+    old_out, new_out = tmp_path / "old", tmp_path / "new"
+    config = write_config(tmp_path / "callcap.yaml", CONFIG.format(out=old_out, mode="one_party"))
+    daemon = RunningDaemon(tmp_path, ["--config", str(config), "--interface", "lo"], netns=netns)
     first: list[CallRun] = []
     second: list[CallRun] = []
     try:
         daemon.wait_ready()
-        call = _call_in_background(tmp_path / "first", first, netns)
-        daemon.wait_event("call_answered", timeout=15)
-
-        write_config(config, BROKEN)
+        write_config(config, CONFIG.format(out=new_out, mode="all_party") + BROKEN_TAIL)
         daemon.proc.send_signal(signal.SIGHUP)
         invalid = daemon.wait_event("config_invalid")
         assert invalid["level"] == "error"
         assert invalid["file"] == str(config)
-        assert invalid["line"] == 5
+        assert invalid["line"] == 7
         assert invalid["key"] == "rtp.jitter_window_ms"
         time.sleep(0.5)
         assert daemon.proc.poll() is None
 
-        write_config(config, GOOD_NEW)
+        # this call starts after the broken reload: it must get the old config
+        call = _call_in_background(tmp_path / "first", first, netns)
+        daemon.wait_event("call_answered", timeout=15)
+        write_config(config, CONFIG.format(out=new_out, mode="all_party"))
         daemon.proc.send_signal(signal.SIGHUP)
         reloaded = daemon.wait_event("config_reloaded")
         assert reloaded["config"] == str(config)
+        assert reloaded["out_dir"] == str(new_out)
         call.join(timeout=60)
         first_written = daemon.wait_event("recording_written", timeout=20)
 
@@ -135,7 +134,11 @@ def test_sighup_keeps_old_config_when_broken_and_applies_a_good_one_to_new_calls
     names = [e["event"] for e in daemon.events()]
     assert names.count("config_invalid") == 1 and names.count("config_reloaded") == 1
     old, new = _sidecar_of(first_written), _sidecar_of(second_written)
-    # the call in flight was not dropped and kept the config it started with
+    # out_dir: the call in flight is published where it started, the next one in the new place
+    assert Path(str(first_written["path"])).is_relative_to(old_out)
+    assert Path(str(second_written["path"])).is_relative_to(new_out)
+    assert not list(new_out.rglob("*.wav"))[1:] and len(list(old_out.rglob("*.wav"))) == 1
+    # started after the broken reload, in flight at the good one: old config, not dropped
     assert old["end_reason"] == "bye_caller"
     assert old["consent"] == {
         "mode": "one_party",
