@@ -80,11 +80,13 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
                     )
                 )
             )
-            started = time.monotonic()
             call.start()
-            kill_at = rng.uniform(2.5, 4.5)
-            daemon.wait_event("call_answered", timeout=15)
-            time.sleep(max(0.0, started + kill_at - time.monotonic()))
+            # a random moment of the talk (about 4.3 s long), at least one flush in; counted
+            # from the answer so that a slow start of the peers does not move it
+            kill_at = rng.uniform(2.0, 3.8)
+            daemon.wait_event("call_answered", timeout=30)
+            answered = time.monotonic()
+            time.sleep(max(0.0, answered + kill_at - time.monotonic()))
             assert daemon.proc.poll() is None
             daemon.proc.send_signal(signal.SIGKILL)
             daemon.proc.wait(timeout=10)
@@ -121,7 +123,7 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
         assert doc["call_uid"] == recovered["call_uid"]
         assert doc["answer"] is not None
         assert "recovered_from_spool" in [w["code"] for w in doc["warnings"]]
-        assert {s["side"] for s in doc["streams"]} == {"caller", "callee"}
+        assert {s["side"] for s in doc["streams"]} == {"caller", "callee"}, (rnd, kill_at)
         audio, rate = soundfile.read(str(wav_path), dtype="int16")
         assert rate == 8000
         assert run.caller is not None and run.callee is not None
