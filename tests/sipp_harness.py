@@ -6,8 +6,9 @@ that sipp replays with ``play_pcap_audio``; optional RFC 4733 telephone-events a
 the caller's stream.  The reference for each side is the G.711 *decoding* of what went on
 the wire, so a faithful recording matches it sample for sample.
 
-Everything listens on 127.0.0.1 only, on ports chosen at run time, and every child process
-is killed when the run ends, whatever happens.
+Everything listens on 127.0.0.1 only (or on the addresses of network namespaces the test
+created), on ports chosen at run time, and every child process is killed when the run ends,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -222,14 +223,18 @@ def _render(template: str, **values: str) -> str:
 
 
 @contextlib.contextmanager
-def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[bytes]]:
-    """tcpdump on loopback, started and listening before the call begins.
+def tcpdump(
+    capture: Path, interface: str = "lo", netns: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """tcpdump on loopback (of network namespace ``netns`` if given), started and listening
+    before the call begins.
 
     ``--immediate-mode`` matters: with the kernel's block-buffered capture ring (TPACKET_V3)
     the packets of a partly filled block are lost when tcpdump is interrupted.
     """
     proc = subprocess.Popen(
         [
+            *(["ip", "netns", "exec", netns] if netns else []),
             "tcpdump",
             "-i",
             interface,
@@ -284,8 +289,8 @@ def run_call(
     """One sipp call, over loopback by default, captured with tcpdump on ``capture_on``.
 
     With ``uac_netns``/``uas_netns`` each peer runs inside that network namespace (the
-    test's own) on the address given; ``capture_on=None`` skips tcpdump (the recorder under
-    test is then the only capture).
+    test's own) on the address given, and tcpdump runs in the callee's namespace;
+    ``capture_on=None`` skips tcpdump (the recorder under test is then the only capture).
     """
     tmp.mkdir(parents=True, exist_ok=True)
     pt = "0" if codec == "PCMU" else "8"
@@ -356,7 +361,7 @@ def run_call(
         f"{int(timeout)}s",
         "-timeout_error",
     ]
-    sniffer = tcpdump(capture, capture_on) if capture_on else contextlib.nullcontext()
+    sniffer = tcpdump(capture, capture_on, uas_netns) if capture_on else contextlib.nullcontext()
     with sniffer:
         uas_proc = subprocess.Popen(
             [
