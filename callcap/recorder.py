@@ -212,18 +212,22 @@ class CallRecorder:
             ctx.stream.end_window()
             self._collect_gaps(ctx)
         horizon = int((now - self.origin) * TIMELINE_RATE) - self._jitter
-        if horizon > self.written:
+        wrote = horizon > self.written
+        if wrote:
             self._write_until(horizon)
-            if self.durable and self._writer is not None:
-                self._writer.flush()
+        # Facts first, then the header that commits the audio: a crash between the two
+        # leaves facts that end after the committed audio, never before it.
         self.checkpoint(now)
+        if wrote and self.durable and self._writer is not None:
+            self._writer.flush()
 
     def checkpoint(self, now: float) -> None:
         """Durable mode: save the call's facts beside its spool audio (crash recovery).
 
-        Called when the call starts, answers or changes media and after every flush, so the
-        facts on disk always describe at least the audio the spool file's header promises.
-        The recovered sidecar ends at ``now``, with ``end_reason: "recovered"``.
+        Called when the call starts, answers or changes media and at every flush (before the
+        WAV header is committed), so the facts on disk always cover at least the audio the
+        spool file's header promises.  The recovered sidecar ends at ``now``, with
+        ``end_reason: "recovered"``.
         """
         if not self.durable:
             return
