@@ -102,6 +102,10 @@ class RunningDaemon:
         """Send ``sig`` and wait for the exit; the notify socket stays readable."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for an exit already under way (a second SIGTERM is not what systemd sends)."""
         try:
             code = self.proc.wait(timeout=timeout)
         finally:

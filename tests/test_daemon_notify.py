@@ -23,8 +23,8 @@ def test_ready_then_periodic_watchdog_then_stopping(tmp_path: Path, netns: str) 
     daemon = RunningDaemon(
         tmp_path,
         ["--config", str(config), "--interface", "lo", "--out", str(tmp_path / "out")],
-        env={"WATCHDOG_USEC": "1000000"},
-        netns=netns,  # ping every 0.5 s
+        env={"WATCHDOG_USEC": "1000000"},  # ping every 0.5 s
+        netns=netns,
     )
     try:
         ready_at = daemon.wait_ready()
@@ -37,7 +37,7 @@ def test_ready_then_periodic_watchdog_then_stopping(tmp_path: Path, netns: str) 
             msg = daemon.recv_notify(0.5)
             if msg is not None and "STOPPING=1" in msg.splitlines():
                 break
-        assert daemon.stop() == 0, daemon.stderr[-2000:]
+        assert daemon.wait() == 0, daemon.stderr[-2000:]
     finally:
         daemon.close()
     messages = [(t, set(m.splitlines())) for t, m in daemon.notifications]
