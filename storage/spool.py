@@ -38,6 +38,7 @@ AUDIO_SUFFIX = ".wav.part"
 FACTS_SUFFIX = ".call.json"
 DAMAGED = "damaged"
 RECOVERED_WARNING = "recovered_from_spool"
+MAX_WARNINGS = 100  # sidecar.schema.json: warnings.maxItems
 
 _ENTRY = re.compile(
     r"^(?P<uid>[a-z2-7]{16})-(?P<pid>[0-9]{1,10})(?P<kind>\.wav\.part|\.call\.json)$"
@@ -233,17 +234,19 @@ def _recovered_sidecar(facts: CallFacts, file_name: str, fmt: str, frames: int) 
         raise StorageError(f"sidecar.audio.sample_rate: expected a positive integer, got {rate!r}")
     audio.update(file=file_name, format=fmt, frames=frames, duration_s=round(frames / rate, 3))
     doc["end_reason"] = "recovered"
+    warning = {
+        "code": RECOVERED_WARNING,
+        "detail": (
+            "the recorder stopped without ending this call; audio up to its last "
+            f"flush was recovered at {iso_utc(time.time())}"
+        ),
+    }
     warnings = doc.setdefault("warnings", [])
     if isinstance(warnings, list):
-        warnings.append(
-            {
-                "code": RECOVERED_WARNING,
-                "detail": (
-                    "the recorder stopped without ending this call; audio up to its last "
-                    f"flush was recovered at {iso_utc(time.time())}"
-                ),
-            }
-        )
+        if len(warnings) >= MAX_WARNINGS:  # the schema's bound: this one matters most
+            warnings[MAX_WARNINGS - 1 :] = [warning]
+        else:
+            warnings.append(warning)
     return doc
 
 

@@ -14,11 +14,13 @@ import os
 import shutil
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from callcap.errors import StorageError
+from callcap.storage.sidecar import validate_sidecar
 from callcap.storage.spool import CallFacts, audio_path, facts_path, recover_spool, save_facts
 from callcap.storage.wav import WavWriter, recover_spooled_wav
 
@@ -90,6 +92,59 @@ def test_a_file_that_is_not_a_wav_is_refused(tmp_path: Path) -> None:
     assert bad.read_bytes() == b"RIFF\x00\x00\x00\x00AVI LIST"  # left as it was
 
 
+def _checkpoint_sidecar() -> dict[str, Any]:
+    """What a recorder's checkpoint holds for an answered call (audio not yet known)."""
+    return {
+        "schema_version": 1,
+        "call_uid": UID,
+        "call_id": "c1@192.0.2.1",
+        "from": {"uri": "sip:alice@192.0.2.1", "user": "alice", "display_name": None, "tag": "a"},
+        "to": {"uri": "sip:bob@192.0.2.2", "user": "bob", "display_name": None, "tag": "b"},
+        "caller_ip": "192.0.2.1",
+        "callee_ip": "192.0.2.2",
+        "start": "2023-11-14T22:13:20.000Z",
+        "answer": "2023-11-14T22:13:21.000Z",
+        "end": "2023-11-14T22:13:30.000Z",
+        "duration_s": 10.0,
+        "talk_s": 9.0,
+        "end_reason": "recovered",
+        "final_status": 200,
+        "transport": "udp",
+        "user_agents": [],
+        "audio": {
+            "file": "",
+            "format": "WAV",
+            "encoding": "PCM_16",
+            "sample_rate": 8000,
+            "channels": ["caller", "callee"],
+            "frames": 0,
+            "duration_s": 0.0,
+            "start": "2023-11-14T22:13:21.100Z",
+            "sha256": "",
+            "bytes": 0,
+        },
+        "streams": [],
+        "gaps": [],
+        "gaps_omitted": 0,
+        "dtmf": [],
+        "consent": {
+            "mode": "one_party",
+            "rule": None,
+            "status": "not_required",
+            "evidence": None,
+            "action": "kept",
+        },
+        "retention": {
+            "rule": None,
+            "keep": "90d",
+            "delete_after": "2024-02-12T22:13:30.000Z",
+            "legal_hold": False,
+        },
+        "warnings": [],
+        "recorder": {"name": "callcap", "version": "0.1.0"},
+    }
+
+
 def _facts(answer: str | None) -> CallFacts:
     sidecar = {"answer": answer, "audio": {"sample_rate": 8000}}
     return CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar)
@@ -125,3 +180,29 @@ def test_entries_of_a_live_writer_are_left_alone(tmp_path: Path) -> None:
     assert recover_spool(out, alive=lambda pid: pid == live) == ([], [])
     assert part.read_bytes() == b"being written"
     assert json.loads(facts_path(out, UID, live).read_text())["call_uid"] == UID
+
+
+def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Path) -> None:
+    """A recording at the warning limit must not become unpublishable by recovery's own."""
+    out = tmp_path / "out"
+    dead = 4_000_003
+    (out / ".spool").mkdir(parents=True)
+    writer = WavWriter(audio_path(out, UID, dead))
+    writer.write(_frames(800, 5))
+    writer.flush()
+    sidecar = _checkpoint_sidecar()
+    sidecar["warnings"] = [{"code": f"w{i}", "detail": "x"} for i in range(100)]
+    save_facts(
+        facts_path(out, UID, dead),
+        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    validate_sidecar(doc)
+    assert len(doc["warnings"]) == 100
+    assert doc["warnings"][-1]["code"] == "recovered_from_spool"
+    assert doc["audio"]["frames"] == 800
+    np.testing.assert_array_equal(_read(recovered.wav.path), _frames(800, 5))
