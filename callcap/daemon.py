@@ -10,6 +10,7 @@ systemd watchdog never wait on traffic.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import signal
 import time
 from collections.abc import Sequence
@@ -27,9 +28,11 @@ from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
 from callcap.sdnotify import Notifier
 from callcap.storage.layout import ensure_dir
+from callcap.storage.spool import recover_spool
 from callcap.sweeper import RetentionSweeper
 
 POLL_S = 0.25
+DRAIN_S = 1.0
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_CAPTURE = 3
@@ -107,6 +110,7 @@ class Daemon:
         except OSError as exc:
             log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
             return EXIT_CAPTURE
+        self._recover(config, out)
         pipeline = Pipeline(config, out, log, durable=True)
         self.control = self._open_control(config, pipeline)
         try:
@@ -134,6 +138,34 @@ class Daemon:
         self.log.info("control_listening", socket=config.control.socket)
         return server
 
+    def _recover(self, config: Config, out: Path) -> None:
+        """Publish the calls a previous run left in the spool (crash, kill -9, power cut).
+
+        Runs before capturing, so the spool holds only dead writers' files (and those of
+        another live callcap on the same directory, which are left alone).
+        """
+        recovered, damaged = recover_spool(
+            out, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
+        )
+        for call in recovered:
+            self.log.info(
+                "call_recovered",
+                call_uid=call.call_uid,
+                path=str(call.wav.path),
+                sidecar=str(call.sidecar),
+                bytes=call.wav.size,
+                sha256=call.wav.sha256,
+                duration_s=call.duration_s,
+                audio_s=call.audio_s,
+            )
+        for entry in damaged:
+            self.log.error(
+                "spool_entry_damaged",
+                entry=entry.name,
+                reason=entry.reason,
+                moved_to=[str(p) for p in entry.moved_to],
+            )
+
     def _live(self, pipeline: Pipeline, config: Config) -> int:
         log = self.log
         cap = config.capture
@@ -152,8 +184,7 @@ class Daemon:
             next_watchdog = time.monotonic()
             sweeper = RetentionSweeper(pipeline.out_dir, log)
             while not self._stop:
-                for ts, linktype, frame in source.poll(POLL_S):
-                    pipeline.feed(ts, linktype, frame)
+                pipeline.run(source.poll(POLL_S))
                 if self.control is not None:
                     self.control.poll()
                 now = time.time()
@@ -185,10 +216,7 @@ class Daemon:
             log.info("capture_started", pcap=path)
             self.notifier.ready("replaying")
             try:
-                for ts, linktype, frame in reader:
-                    pipeline.feed(ts, linktype, frame)
-                    if self._stop:
-                        break
+                pipeline.run(itertools.takewhile(lambda _frame: not self._stop, reader))
             except CaptureError as exc:
                 log.error("capture_failed", error=str(exc))
         if self._stop:
@@ -224,14 +252,37 @@ class Daemon:
                 "config_invalid", error=str(exc), file=exc.file, line=exc.line, key=exc.key
             )
             return
+        out = Path(config.recording.out_dir)
+        try:
+            ensure_dir(out, config.recording.dir_mode)
+        except OSError as exc:
+            self.log.error(
+                "output_unwritable", out_dir=str(out), error=exc.strerror or str(exc), kept="config"
+            )
+            return
         pipeline.reconfigure(config)
-        self.log.info("config_reloaded", config=config.source)
+        self.log.info("config_reloaded", config=config.source, out_dir=str(out))
 
     def _shutdown(self, pipeline: Pipeline, source: LiveCapture | None) -> None:
         self.notifier.stopping()
         self.log.info("daemon_stopping", reason="signal", active_calls=len(pipeline.recorders))
+        if source is not None:
+            _drain(pipeline, source)
         pipeline.close("shutdown", time.time())
         self._stats(pipeline, source)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
+def _drain(pipeline: Pipeline, source: LiveCapture) -> None:
+    """Feed what the kernel already holds for us, so a call ended by shutdown keeps the audio
+    captured up to the signal instead of losing the last poll interval (bounded in time, so
+    a flood cannot delay the exit past the unit's stop timeout)."""
+    deadline = time.monotonic() + DRAIN_S
+    while time.monotonic() < deadline:
+        frames = source.poll(0)
+        if not frames:
+            return
+        for ts, linktype, frame in frames:
+            pipeline.feed(ts, linktype, frame)

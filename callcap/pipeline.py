@@ -565,7 +565,15 @@ class Pipeline:
             elif isinstance(event, CallStarted):
                 self._start(event)
             elif isinstance(event, CallAnswered):
-                self.log.info("call_answered", call_id=_short(event.call.call_id), ts=event.ts)
+                rec = self.recorders.get(event.call.call_id)
+                self.log.info(
+                    "call_answered",
+                    call_uid=rec.call_uid if rec is not None else None,
+                    call_id=_short(event.call.call_id),
+                    ts=event.ts,
+                )
+                if rec is not None:
+                    self._checkpoint(rec, event.ts)
             elif isinstance(event, DtmfSignalled):
                 rec = self.recorders.get(event.call.call_id)
                 if rec is not None:
@@ -592,6 +600,14 @@ class Pipeline:
             caller_ip=call.caller_ip,
             callee_ip=call.callee_ip,
         )
+        self._checkpoint(rec, event.ts)
+
+    def _checkpoint(self, rec: CallRecorder, ts: float) -> None:
+        """Save a call's facts to the spool (durable mode); a failure costs this call only."""
+        try:
+            rec.checkpoint(ts)
+        except (OSError, CallcapError) as exc:
+            self.drops.drop("spool_write_failed", ts, call_uid=rec.call_uid, detail=str(exc)[:300])
 
     def _media(self, event: MediaOffered) -> None:
         call_id = event.call.call_id
@@ -620,6 +636,7 @@ class Pipeline:
                 or (flow.dst, flow.dport) in announced
             )
         )
+        self._checkpoint(rec, event.ts)
 
     def _forget_flows(self, stale: Callable[[_FastFlow], bool]) -> None:
         """Drop fast-lane flows in place (``run`` holds a reference to this very dict), after
@@ -655,6 +672,17 @@ class Pipeline:
         self._publisher.submit(publication, lambda: self._publish(publication))
         self._published(self._publisher.completed())
 
+    def _audit_for(self, out_dir: Path) -> AuditLog:
+        """The audit log of the archive a recording goes to (``recording.out_dir`` may have
+        been reloaded since the call started: each archive keeps its own log)."""
+        if out_dir == self.audit.out_dir:
+            return self.audit
+        return AuditLog(
+            out_dir,
+            file_mode=self.config.recording.file_mode,
+            dir_mode=self.config.recording.dir_mode,
+        )
+
     def _publish(self, publication: Publication) -> tuple[Published, str | None]:
         """On a publisher thread: publish, and log it to the audit log under the archive lock,
         so no sweep or erasure can act on a sidecar whose publication is not logged yet.
@@ -664,7 +692,7 @@ class Pipeline:
             audit: AuditWriter | None = None
             problem: str | None = None
             try:
-                audit = stack.enter_context(self.audit.locked())
+                audit = stack.enter_context(self._audit_for(publication.out_dir).locked())
             except (OSError, CallcapError) as exc:
                 problem = str(exc)[:500]
             published = publication.publish()
@@ -783,8 +811,11 @@ class Pipeline:
         return self._next_tick
 
     def reconfigure(self, config: Config) -> None:
-        """A reloaded config applies to calls starting from now on; calls in flight keep theirs."""
+        """A reloaded config applies to calls starting from now on; calls in flight keep theirs
+        (their settings and their output directory)."""
         self.config = config
+        self.out_dir = Path(config.recording.out_dir)
+        self.audit = self._audit_for(self.out_dir)
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
         self._interval = config.rtp.flush_interval_ms / 1000.0

@@ -34,7 +34,7 @@ from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector
 from callcap.config.schema import Config
 from callcap.policy import call_facts, retention_fields
-from callcap.storage.layout import make_call_uid, recording_stem, spool_dir
+from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
     PublishedFile,
     publish_file,
@@ -43,6 +43,7 @@ from callcap.storage.publish import (
     write_json_atomic,
 )
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
+from callcap.storage.spool import CallFacts, audio_path, facts_path, remove_entry, save_facts
 from callcap.storage.wav import WavWriter
 
 Decoder = Callable[[bytes], npt.NDArray[np.int16]]
@@ -103,12 +104,15 @@ class Publication:
     when no audio is kept) is closed and goes to ``stem.wav``, then ``doc`` to ``stem.json``."""
 
     call_uid: str
+    out_dir: Path
     writer: WavWriter | None
     stem: Path
     doc: dict[str, Any]
     write_sidecar: bool
     file_mode: int
     dir_mode: int
+    #: (output dir, writer pid) of a durable recorder's spool entry, forgotten once published
+    spool_entry: tuple[Path, int] | None = None
 
     def publish(self) -> Published:
         """Audio first, sidecar last (with the audio's hash); thread-safe, runs once."""
@@ -135,6 +139,8 @@ class Publication:
                     dir_mode=self.dir_mode,
                 )
                 sidecar, sidecar_sha256 = written.path, written.sha256
+            if self.spool_entry is not None:
+                remove_entry(self.spool_entry[0], self.call_uid, self.spool_entry[1])
             return Published(self.call_uid, sidecar, wav, self.doc, sidecar_sha256)
         finally:
             release_stem(self.stem)
@@ -158,6 +164,7 @@ class CallRecorder:
         self.durable = durable
         self.sources = sources
         self.call_uid = make_call_uid(call.call_id, call.from_.tag, call.start)
+        self._pid = os.getpid()
         self.origin: float | None = None
         self.last_rtp = 0.0
         self.written = 0
@@ -373,10 +380,33 @@ class CallRecorder:
             ctx.stream.end_window()
             self._collect_gaps(ctx)
         horizon = int((now - self.origin) * TIMELINE_RATE) - self._jitter
-        if horizon > self.written:
+        wrote = horizon > self.written
+        if wrote:
             self._write_until(horizon)
-            if self.durable and self._writer is not None:
-                self._writer.flush()
+        # Facts first, then the header that commits the audio: a crash between the two
+        # leaves facts that end after the committed audio, never before it.
+        self.checkpoint(now)
+        if wrote and self.durable and self._writer is not None:
+            self._writer.flush()
+
+    def checkpoint(self, now: float) -> None:
+        """Durable mode: save the call's facts beside its spool audio (crash recovery).
+
+        Called when the call starts, answers or changes media and at every flush (before the
+        WAV header is committed), so the facts on disk always cover at least the audio the
+        spool file's header promises.  The recovered sidecar ends at ``now``, with
+        ``end_reason: "recovered"``.
+        """
+        if not self.durable:
+            return
+        doc = self._sidecar(True, "WAV", self.written, "", end=now, end_reason="recovered")
+        facts = CallFacts(self.call_uid, self.call.start, now, doc)
+        save_facts(
+            facts_path(self.out_dir, self.call_uid, self._pid),
+            facts,
+            file_mode=self.config.recording.file_mode,
+            dir_mode=self.config.recording.dir_mode,
+        )
 
     def finish(self, end: float) -> Published:
         """Drain everything, close the spool file and publish (or discard) the recording."""
@@ -426,12 +456,14 @@ class CallRecorder:
         doc = self._sidecar(keep_audio, audio_format, frames, stem.with_suffix(".wav").name)
         return Publication(
             self.call_uid,
+            self.out_dir,
             writer,
             stem,
             doc,
             write_sidecar=write_sidecar,
             file_mode=self.config.recording.file_mode,
             dir_mode=self.config.recording.dir_mode,
+            spool_entry=(self.out_dir, self._pid) if self.durable else None,
         )
 
     def discard(self) -> None:
@@ -443,6 +475,8 @@ class CallRecorder:
             with contextlib.suppress(FileNotFoundError):
                 self._part.unlink()
             self._part = None
+        if self.durable:
+            remove_entry(self.out_dir, self.call_uid, self._pid)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -617,9 +651,8 @@ class CallRecorder:
 
     def _ensure_writer(self) -> Path:
         if self._writer is None:
-            spool = spool_dir(self.out_dir)
-            spool.mkdir(parents=True, exist_ok=True, mode=self.config.recording.dir_mode)
-            self._part = spool / f"{self.call_uid}-{os.getpid()}.wav.part"
+            self._part = audio_path(self.out_dir, self.call_uid, self._pid)
+            ensure_dir(self._part.parent, self.config.recording.dir_mode)
             self._writer = WavWriter(self._part, sample_rate=TIMELINE_RATE, channels=2)
         assert self._part is not None
         return self._part
@@ -706,17 +739,27 @@ class CallRecorder:
         self._fed = end
 
     def _sidecar(
-        self, keep_audio: bool, audio_format: str, frames: int, file_name: str
+        self,
+        keep_audio: bool,
+        audio_format: str,
+        frames: int,
+        file_name: str,
+        *,
+        end: float | None = None,
+        end_reason: str | None = None,
     ) -> dict[str, Any]:
-        """The sidecar document; the audio's ``sha256`` and ``bytes`` are filled in when the
-        WAV is published."""
+        """The sidecar document.  The audio's ``sha256`` and ``bytes`` are filled in when the
+        WAV is published; with ``end`` given (a spool checkpoint) the ``audio`` object is
+        filled as far as it is known before then."""
         call = self.call
-        end = call.end if call.end is not None else call.last_activity
+        checkpoint = end is not None
+        if end is None:
+            end = call.end if call.end is not None else call.last_activity
         cfg = self.config
         consent_mode = cfg.consent.default.mode
         consent_status = "not_required" if consent_mode == "one_party" else "missing"
         audio: dict[str, Any] | None = None
-        if keep_audio:
+        if keep_audio or checkpoint:
             audio = {
                 "file": file_name,
                 "format": audio_format,
@@ -757,7 +800,7 @@ class CallRecorder:
             "end": iso_utc(end),
             "duration_s": round(max(0.0, end - call.start), 3),
             "talk_s": round(max(0.0, end - call.answer), 3) if call.answer is not None else None,
-            "end_reason": call.end_reason or "capture_end",
+            "end_reason": end_reason or call.end_reason or "capture_end",
             "final_status": call.final_status,
             "transport": call.transport,
             "user_agents": [

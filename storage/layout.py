@@ -39,6 +39,16 @@ def recording_stem(out_dir: Path, start_ts: float, call_uid: str) -> Path:
     )
 
 
+def unique_stem(stem: Path) -> Path:
+    """Never overwrite a published recording: the same call recorded twice gets a suffix."""
+    candidate = stem
+    n = 1
+    while candidate.with_suffix(".wav").exists() or candidate.with_suffix(".json").exists():
+        candidate = stem.with_name(f"{stem.name}-{n}")
+        n += 1
+    return candidate
+
+
 def spool_dir(out_dir: Path) -> Path:
     """In-flight audio lives here: same filesystem as the output, so publishing is a rename."""
     return out_dir / SPOOL

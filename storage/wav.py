@@ -188,3 +188,96 @@ def _tidy_riff_header(f: BinaryIO) -> None:
             break
         pos += _CHUNK.size + size + (size & 1)
     f.flush()  # durable when published: publish_file fsyncs the file before renaming it
+
+
+_DS64 = struct.Struct("<QQQI")  # RIFF size, data size, sample count, table length (EBU 3306)
+_RF64_PLACEHOLDER = 0xFFFFFFFF
+
+
+def recover_spooled_wav(path: Path) -> tuple[int, str]:
+    """Turn a spool file left by a dead writer into a complete WAV; return (frames, format).
+
+    What survives is "audio up to the last flush", and the header is what says how much
+    that is: :meth:`WavWriter.flush` rewrites the header and then fsyncs, so the frame count
+    in the header is exactly what was durable at the last flush.  Bytes beyond it were
+    written after that flush; after a power cut they may be missing or garbage, so they are
+    cut off rather than trusted (after a plain ``kill -9`` they would be intact, but one rule
+    for both cases keeps "recovered" meaning the same thing).  If the file is shorter than
+    the header claims, the frames actually present (rounded down to whole frames) count.  A
+    header that was never flushed (the RF64 placeholder libsndfile writes at open, or the
+    RIFF header with an empty data chunk it writes on the first write) counts as zero
+    frames.  The result is a RIFF/WAVE file with a plain PCM ``fmt `` chunk below 4 GiB,
+    RF64 beyond, exactly as :meth:`WavWriter.close` leaves it.
+
+    Raises :class:`StorageError` if the file is not a WAV this writer could have made.
+    """
+    try:
+        with path.open("r+b") as f:
+            frames, fmt = _recover(f, path)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise StorageError(f"cannot recover {path}: {exc.strerror or exc}") from exc
+    return frames, fmt
+
+
+def _recover(f: BinaryIO, path: Path) -> tuple[int, str]:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    head = f.read(_HEADER_SCAN)
+    if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (b"RIFF", b"RF64"):
+        raise StorageError(f"{path} is not a RIFF/RF64 WAVE file")
+    ds64_at: int | None = None
+    ds64_data: int | None = None
+    align: int | None = None
+    fact_at: int | None = None
+    pos = 12
+    while True:
+        if pos + _CHUNK.size > len(head):
+            raise StorageError(f"{path}: no data chunk within the first {_HEADER_SCAN} bytes")
+        cid, csize = _CHUNK.unpack_from(head, pos)
+        body = pos + _CHUNK.size
+        if cid == b"ds64" and body + _DS64.size <= len(head):
+            ds64_at = pos
+            ds64_data = _DS64.unpack_from(head, body)[1]
+        elif cid == b"fmt " and body + _FMT_PCM.size <= len(head):
+            align = _FMT_PCM.unpack_from(head, body)[4]
+        elif cid == b"fact" and csize >= 4:
+            fact_at = body
+        elif cid == b"data":
+            break
+        pos = body + csize + (csize & 1)
+    if not align:
+        raise StorageError(f"{path}: no usable fmt chunk before the data")
+    data_at = pos + _CHUNK.size
+    declared = csize
+    if head[:4] == b"RF64":
+        declared = 0 if ds64_data is None or csize != _RF64_PLACEHOLDER else ds64_data
+        if ds64_data is not None and ds64_data >= 1 << 63:  # the open-time placeholder
+            declared = 0
+    frames = min(declared, max(0, size - data_at)) // align
+    data_bytes = frames * align
+    end = data_at + data_bytes
+    f.truncate(end)
+    if fact_at is not None:
+        f.seek(fact_at)
+        f.write(struct.pack("<I", min(frames, RIFF_LIMIT)))
+    if end - 8 > RIFF_LIMIT:
+        if ds64_at is None:
+            raise StorageError(f"{path}: larger than 4 GiB without a ds64 chunk")
+        f.seek(0)
+        f.write(b"RF64" + struct.pack("<I", _RF64_PLACEHOLDER))
+        f.seek(ds64_at + _CHUNK.size)
+        f.write(struct.pack("<QQQ", end - 8, data_bytes, frames))
+        f.seek(pos + 4)
+        f.write(struct.pack("<I", _RF64_PLACEHOLDER))
+        return frames, "RF64"
+    f.seek(0)
+    f.write(b"RIFF" + struct.pack("<I", end - 8))
+    if ds64_at is not None:  # the reserved ds64 becomes padding, as after a downgrade
+        f.seek(ds64_at)
+        f.write(b"JUNK")
+    f.seek(pos + 4)
+    f.write(struct.pack("<I", data_bytes))
+    _tidy_riff_header(f)
+    return frames, "WAV"

@@ -1,12 +1,14 @@
-"""Shared fixtures: where the public capture corpus lives."""
+"""Shared fixtures: where the public capture corpus lives; network namespaces for live tests."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netns_harness
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +39,17 @@ def corpus_facts(corpus: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA_DIR
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace of this test's own (its loopback sees no other traffic)."""
+    with netns_harness.isolated_netns() as name:
+        yield name
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[netns_harness.NetnsPair]:
+    """Two namespaces joined by a veth link, removed after the test."""
+    with netns_harness.netns_pair() as pair:
+        yield pair

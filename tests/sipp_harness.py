@@ -6,8 +6,9 @@ that sipp replays with ``play_pcap_audio``; optional RFC 4733 telephone-events a
 the caller's stream.  The reference for each side is the G.711 *decoding* of what went on
 the wire, so a faithful recording matches it sample for sample.
 
-Everything listens on 127.0.0.1 only, on ports chosen at run time, and every child process
-is killed when the run ends, whatever happens.
+Everything listens on 127.0.0.1 only (or on the addresses of network namespaces the test
+created), on ports chosen at run time, and every child process is killed when the run ends,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -224,14 +225,18 @@ def _render(template: str, **values: str) -> str:
 
 
 @contextlib.contextmanager
-def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[bytes]]:
-    """tcpdump on loopback, started and listening before the call begins.
+def tcpdump(
+    capture: Path, interface: str = "lo", netns: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """tcpdump on loopback (of network namespace ``netns`` if given), started and listening
+    before the call begins.
 
     ``--immediate-mode`` matters: with the kernel's block-buffered capture ring (TPACKET_V3)
     the packets of a partly filled block are lost when tcpdump is interrupted.
     """
     proc = subprocess.Popen(
         [
+            *(["ip", "netns", "exec", netns] if netns else []),
             "tcpdump",
             "-i",
             interface,
@@ -275,13 +280,27 @@ def run_call(
     dtmf: tuple[tuple[float, str], ...] = (),
     bye_by: str = "caller",
     reject: int | None = None,
+    cancel: bool = False,
     timeout: float = 60.0,
+    uac_ip: str = LOOPBACK,
+    uas_ip: str = LOOPBACK,
+    uac_netns: str | None = None,
+    uas_netns: str | None = None,
+    capture_on: str | None = "lo",
 ) -> CallRun:
-    """One sipp call over loopback, captured with tcpdump."""
+    """One sipp call, over loopback by default, captured with tcpdump on ``capture_on``.
+
+    With ``uac_netns``/``uas_netns`` each peer runs inside that network namespace (the
+    test's own) on the address given, and tcpdump runs in the callee's namespace;
+    ``capture_on=None`` skips tcpdump (the recorder under test is then the only capture).
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     pt = "0" if codec == "PCMU" else "8"
     caller = callee = None
-    if reject is None:
+    if cancel:
+        uac = _render("uac_cancel.xml", payload_type=pt, codec=codec)
+        uas = _render("uas_ring_cancel.xml")
+    elif reject is None:
         (tmp / "a").mkdir(exist_ok=True)
         (tmp / "b").mkdir(exist_ok=True)
         caller = write_rtp_pcap(
@@ -333,11 +352,9 @@ def run_call(
     uas_media, uac_media = free_port_pair(), free_port_pair()
     capture = tmp / "call.pcap"
     run = CallRun(capture, caller, callee)
+    uac_prefix = ["ip", "netns", "exec", uac_netns] if uac_netns else []
+    uas_prefix = ["ip", "netns", "exec", uas_netns] if uas_netns else []
     common = [
-        "-i",
-        LOOPBACK,
-        "-mi",
-        LOOPBACK,
         "-m",
         "1",
         "-nostdin",
@@ -346,9 +363,11 @@ def run_call(
         f"{int(timeout)}s",
         "-timeout_error",
     ]
-    with tcpdump(capture):
+    sniffer = tcpdump(capture, capture_on, uas_netns) if capture_on else contextlib.nullcontext()
+    with sniffer:
         uas_proc = subprocess.Popen(
             [
+                *uas_prefix,
                 "sipp",
                 "-sf",
                 str(tmp / "uas.xml"),
@@ -356,6 +375,10 @@ def run_call(
                 str(uas_port),
                 "-mp",
                 str(uas_media),
+                "-i",
+                uas_ip,
+                "-mi",
+                uas_ip,
                 *common,
             ],
             cwd=tmp,
@@ -366,14 +389,19 @@ def run_call(
             time.sleep(0.5)
             uac_proc = subprocess.run(
                 [
+                    *uac_prefix,
                     "sipp",
                     "-sf",
                     str(tmp / "uac.xml"),
-                    f"{LOOPBACK}:{uas_port}",
+                    f"{uas_ip}:{uas_port}",
                     "-p",
                     str(uac_port),
                     "-mp",
                     str(uac_media),
+                    "-i",
+                    uac_ip,
+                    "-mi",
+                    uac_ip,
                     *common,
                 ],
                 cwd=tmp,

@@ -2,7 +2,8 @@
 
 The daemon must announce READY=1 over the notify socket before the call, record the call
 from the interface, and on SIGTERM publish what it holds and exit 0.  Every log line is one
-JSON object.
+JSON object.  It all happens on the loopback of a network namespace of the test's own, so
+nothing else running on the machine shows up in the capture.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
+from netns_harness import netns_exec
 from sipp_harness import best_lag, run_call
 
 from callcap.storage.sidecar import validate_sidecar
@@ -25,14 +27,26 @@ from callcap.storage.sidecar import validate_sidecar
 pytestmark = pytest.mark.e2e
 
 
-def test_live_call_on_loopback_is_recorded_and_sigterm_exits_cleanly(tmp_path: Path) -> None:
+def test_live_call_on_loopback_is_recorded_and_sigterm_exits_cleanly(
+    tmp_path: Path, netns: str
+) -> None:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.settimeout(20)
     out = tmp_path / "out"
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "callcap", "daemon", "--interface", "lo", "--out", str(out)],
+        [
+            *netns_exec(netns),
+            sys.executable,
+            "-m",
+            "callcap",
+            "daemon",
+            "--interface",
+            "lo",
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
@@ -41,7 +55,14 @@ def test_live_call_on_loopback_is_recorded_and_sigterm_exits_cleanly(tmp_path: P
     try:
         ready = notify.recv(4096).decode()
         assert "READY=1" in ready.splitlines()
-        run = run_call(tmp_path / "call", codec="PCMU", dtmf=((0.6, "9"),))
+        run = run_call(
+            tmp_path / "call",
+            codec="PCMU",
+            dtmf=((0.6, "9"),),
+            uac_netns=netns,
+            uas_netns=netns,
+            capture_on=None,
+        )
         assert run.returncodes == {"uac": 0, "uas": 0}
         deadline = time.monotonic() + 20
         while not list(out.rglob("*.json")) and time.monotonic() < deadline:

@@ -2,7 +2,8 @@
 
 Each channel of the WAV must correlate ≥ 0.99 with the audio that side put on the wire, at
 the offset tshark says that side's first RTP packet arrived (± 20 ms), and DTMF sent as RFC
-4733 events must appear in the sidecar at the time it was sent.
+4733 events must appear in the sidecar at the time it was sent.  Peers and tcpdump share the
+loopback of a network namespace of the test's own: nothing else on the machine is captured.
 """
 
 from __future__ import annotations
@@ -111,8 +112,14 @@ def check_answered_call(run: CallRun, out: Path, *, end_reason: str) -> dict[str
     return doc
 
 
-def test_pcmu_call_with_rfc4733_dtmf_is_recorded_faithfully(tmp_path: Path) -> None:
-    run = run_call(tmp_path / "call", codec="PCMU", dtmf=((1.0, "5"), (1.6, "#")))
+def test_pcmu_call_with_rfc4733_dtmf_is_recorded_faithfully(tmp_path: Path, netns: str) -> None:
+    run = run_call(
+        tmp_path / "call",
+        codec="PCMU",
+        dtmf=((1.0, "5"), (1.6, "#")),
+        uac_netns=netns,
+        uas_netns=netns,
+    )
     doc = check_answered_call(run, tmp_path / "out", end_reason="bye_caller")
     digits = [(d["digit"], d["side"], d["source"]) for d in doc["dtmf"]]
     assert digits == [("5", "caller", "rfc4733"), ("#", "caller", "rfc4733")]
@@ -124,14 +131,16 @@ def test_pcmu_call_with_rfc4733_dtmf_is_recorded_faithfully(tmp_path: Path) -> N
         assert got["duration_ms"] == 120
 
 
-def test_pcma_call_hung_up_by_the_callee(tmp_path: Path) -> None:
-    run = run_call(tmp_path / "call", codec="PCMA", bye_by="callee")
+def test_pcma_call_hung_up_by_the_callee(tmp_path: Path, netns: str) -> None:
+    run = run_call(
+        tmp_path / "call", codec="PCMA", bye_by="callee", uac_netns=netns, uas_netns=netns
+    )
     doc = check_answered_call(run, tmp_path / "out", end_reason="bye_callee")
     assert {s["codec"] for s in doc["streams"]} == {"PCMA"}
 
 
-def test_busy_callee_produces_no_recording(tmp_path: Path) -> None:
-    run = run_call(tmp_path / "call", reject=486)
+def test_busy_callee_produces_no_recording(tmp_path: Path, netns: str) -> None:
+    run = run_call(tmp_path / "call", reject=486, uac_netns=netns, uas_netns=netns)
     out = tmp_path / "out"
     record(run, out)
     assert not list(out.rglob("*.wav"))

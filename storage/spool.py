@@ -1,0 +1,286 @@
+"""The spool: in-flight calls on disk, and their recovery after the writer died.
+
+Each call in flight owns two files in ``OUT/.spool/``, both named ``<call_uid>-<pid>``:
+
+* ``.wav.part`` — its audio, a WAV whose header is rewritten and fsynced every flush
+  interval (see :meth:`~callcap.storage.wav.WavWriter.flush`);
+* ``.call.json`` — the call's facts so far: the sidecar it would get if it ended at the
+  last checkpoint (parties, addresses, start/answer, streams and their statistics, DTMF,
+  gaps, warnings, consent, retention), replaced atomically whenever the call starts,
+  answers or changes media and at every flush.
+
+The pid in the names says whose the files are.  At start-up the daemon recovers every entry
+whose writer is gone: the WAV is cut back to its last flush and published, and the facts
+become its sidecar with ``end_reason: "recovered"``.  An entry that cannot be made whole is
+moved to ``.spool/damaged/`` — it is never published half-right and never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from callcap.errors import StorageError
+from callcap.storage.layout import ensure_dir, recording_stem, spool_dir, unique_stem
+from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
+from callcap.storage.sidecar import iso_utc, validate_sidecar
+from callcap.storage.wav import recover_spooled_wav
+
+SPOOL_VERSION = 1
+AUDIO_SUFFIX = ".wav.part"
+FACTS_SUFFIX = ".call.json"
+DAMAGED = "damaged"
+RECOVERED_WARNING = "recovered_from_spool"
+MAX_WARNINGS = 100  # sidecar.schema.json: warnings.maxItems
+
+_ENTRY = re.compile(
+    r"^(?P<uid>[a-z2-7]{16})-(?P<pid>[0-9]{1,10})(?P<kind>\.wav\.part|\.call\.json)$"
+)
+_TEMP = re.compile(r"^\..+\.tmp-(?P<pid>[0-9]{1,10})-[0-9]+$")
+
+
+def audio_path(out_dir: Path, call_uid: str, pid: int) -> Path:
+    return spool_dir(out_dir) / f"{call_uid}-{pid}{AUDIO_SUFFIX}"
+
+
+def facts_path(out_dir: Path, call_uid: str, pid: int) -> Path:
+    return spool_dir(out_dir) / f"{call_uid}-{pid}{FACTS_SUFFIX}"
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """What the spool keeps about a call besides its audio.
+
+    ``sidecar`` is the call's sidecar as of ``checkpoint`` (capture time), with
+    ``end_reason: "recovered"`` and ``end`` at the checkpoint already, and an ``audio``
+    object whose file-specific fields (file, format, frames, duration, hash, size) recovery
+    fills in; ``start`` is the call's start time, which names the published files.
+    """
+
+    call_uid: str
+    start: float
+    checkpoint: float
+    sidecar: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spool_version": SPOOL_VERSION,
+            "call_uid": self.call_uid,
+            "start": self.start,
+            "checkpoint": self.checkpoint,
+            "sidecar": self.sidecar,
+        }
+
+    @classmethod
+    def from_json(cls, obj: object) -> CallFacts:
+        if not isinstance(obj, dict):
+            raise StorageError(f"expected a JSON object, got {type(obj).__name__}")
+        if obj.get("spool_version") != SPOOL_VERSION:
+            raise StorageError(
+                f"spool_version: expected {SPOOL_VERSION}, got {obj.get('spool_version')!r}"
+            )
+        uid, start, checkpoint, sidecar = (
+            obj.get("call_uid"),
+            obj.get("start"),
+            obj.get("checkpoint"),
+            obj.get("sidecar"),
+        )
+        if not isinstance(uid, str) or not isinstance(sidecar, dict):
+            raise StorageError("call_uid (string) and sidecar (object) are required")
+        if not isinstance(start, int | float) or not isinstance(checkpoint, int | float):
+            raise StorageError("start and checkpoint must be numbers")
+        if not isinstance(sidecar.get("audio"), dict):
+            raise StorageError("sidecar.audio must be an object")
+        return cls(uid, float(start), float(checkpoint), sidecar)
+
+
+def save_facts(path: Path, facts: CallFacts, *, file_mode: int, dir_mode: int) -> None:
+    """Replace the facts file atomically: a crash leaves the old facts or the new, never half."""
+    write_json_atomic(path, facts.to_json(), file_mode=file_mode, dir_mode=dir_mode)
+
+
+def remove_entry(out_dir: Path, call_uid: str, pid: int) -> None:
+    """Forget a call's spool entry once its recording is published (or discarded)."""
+    for path in (audio_path(out_dir, call_uid, pid), facts_path(out_dir, call_uid, pid)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    call_uid: str
+    wav: PublishedFile
+    sidecar: Path
+    duration_s: float
+    audio_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    name: str
+    reason: str
+    moved_to: tuple[Path, ...]
+
+
+def process_alive(pid: int) -> bool:
+    """Is ``pid`` a running callcap process?
+
+    The name check keeps a recycled pid (another program now holds it) from hiding a dead
+    recorder's files forever; this process never counts, since recovery runs before it has
+    spooled anything (after a restart in a fresh pid namespace it may well get its
+    predecessor's pid).
+    """
+    if pid == os.getpid():
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"callcap" in cmdline
+
+
+def recover_spool(
+    out_dir: Path,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+    alive: Callable[[int], bool] = process_alive,
+) -> tuple[list[Recovered], list[Damaged]]:
+    """Publish every spool entry whose writer is gone; move what cannot be saved aside."""
+    spool = spool_dir(out_dir)
+    if not spool.is_dir():
+        return [], []
+    entries: dict[tuple[str, int], dict[str, Path]] = {}
+    for path in sorted(spool.iterdir()):
+        temp = _TEMP.match(path.name)
+        if temp is not None and not alive(int(temp.group("pid"))):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # half-written facts replacement: the old facts file stands
+            continue
+        m = _ENTRY.match(path.name)
+        if m is None or not path.is_file():
+            continue
+        key = (m.group("uid"), int(m.group("pid")))
+        entries.setdefault(key, {})[m.group("kind")] = path
+    recovered: list[Recovered] = []
+    damaged: list[Damaged] = []
+    for (uid, pid), files in sorted(entries.items()):
+        if alive(pid):
+            continue
+        try:
+            call = _recover_one(out_dir, uid, files, file_mode, dir_mode)
+        except (StorageError, OSError, ValueError) as exc:
+            damaged.append(_move_aside(spool, f"{uid}-{pid}", files, str(exc), dir_mode))
+            continue
+        if call is not None:
+            recovered.append(call)
+    return recovered, damaged
+
+
+def _recover_one(
+    out_dir: Path, uid: str, files: dict[str, Path], file_mode: int, dir_mode: int
+) -> Recovered | None:
+    """Publish one dead writer's call; None for a call that was never answered.
+
+    An unanswered call gets no recording when it ends normally (it failed, or was still
+    ringing), so it gets none here either: its spool files are simply removed.
+    """
+    facts_file = files.get(FACTS_SUFFIX)
+    part = files.get(AUDIO_SUFFIX)
+    if facts_file is None:
+        raise StorageError("audio without call facts: nothing to name or describe it")
+    try:
+        facts = CallFacts.from_json(json.loads(facts_file.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"unreadable call facts: {exc}") from exc
+    if facts.call_uid != uid:
+        raise StorageError(f"call facts are for {facts.call_uid!r}, not {uid!r}")
+    if facts.sidecar.get("answer") is None:
+        for path in files.values():
+            path.unlink()
+        return None
+    if part is None:
+        raise StorageError(
+            "call facts without audio (the audio may already be published without its sidecar)"
+        )
+    frames, fmt = recover_spooled_wav(part)
+    stem = unique_stem(recording_stem(out_dir, facts.start, uid))
+    wav_final = stem.with_suffix(".wav")
+    doc = _recovered_sidecar(facts, wav_final.name, fmt, frames)
+    validate_sidecar({**doc, "audio": {**doc["audio"], "sha256": "0" * 64, "bytes": 0}})
+    wav = publish_file(part, wav_final, file_mode=file_mode, dir_mode=dir_mode)
+    doc["audio"]["sha256"] = wav.sha256
+    doc["audio"]["bytes"] = wav.size
+    sidecar = write_json_atomic(
+        stem.with_suffix(".json"), doc, file_mode=file_mode, dir_mode=dir_mode
+    )
+    with contextlib.suppress(FileNotFoundError):
+        facts_file.unlink()
+    return Recovered(uid, wav, sidecar.path, doc["duration_s"], doc["audio"]["duration_s"])
+
+
+def _recovered_sidecar(facts: CallFacts, file_name: str, fmt: str, frames: int) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(json.dumps(facts.sidecar))  # a deep copy of plain JSON
+    audio = doc["audio"]
+    rate = audio.get("sample_rate")
+    if not isinstance(rate, int) or rate <= 0:
+        raise StorageError(f"sidecar.audio.sample_rate: expected a positive integer, got {rate!r}")
+    audio.update(file=file_name, format=fmt, frames=frames, duration_s=round(frames / rate, 3))
+    doc["end_reason"] = "recovered"
+    warning = {
+        "code": RECOVERED_WARNING,
+        "detail": (
+            "the recorder stopped without ending this call; audio up to its last "
+            f"flush was recovered at {iso_utc(time.time())}"
+        ),
+    }
+    warnings = doc.setdefault("warnings", [])
+    if isinstance(warnings, list):
+        if len(warnings) >= MAX_WARNINGS:  # the schema's bound: this one matters most
+            warnings[MAX_WARNINGS - 1 :] = [warning]
+        else:
+            warnings.append(warning)
+    return doc
+
+
+def _move_aside(
+    spool: Path, name: str, files: dict[str, Path], reason: str, dir_mode: int
+) -> Damaged:
+    """Keep what could not be recovered for a human, out of the next recovery's way."""
+    target = spool / DAMAGED
+    moved: list[Path] = []
+    try:
+        ensure_dir(target, dir_mode)
+        for path in files.values():
+            dest = target / path.name
+            n = 1
+            while dest.exists():
+                dest = target / f"{path.name}.{n}"
+                n += 1
+            os.replace(path, dest)
+            moved.append(dest)
+    except OSError as exc:
+        reason = f"{reason}; moving it aside failed too: {exc.strerror or exc}"
+    return Damaged(name, reason[:500], tuple(moved))
+
+
+__all__ = [
+    "AUDIO_SUFFIX",
+    "FACTS_SUFFIX",
+    "CallFacts",
+    "Damaged",
+    "Recovered",
+    "audio_path",
+    "facts_path",
+    "process_alive",
+    "recover_spool",
+    "remove_entry",
+    "save_facts",
+]

@@ -1,0 +1,208 @@
+"""The rules crash recovery applies to one spool entry, on files a writer really left.
+
+"Audio up to the last flush" means the frame count in the header the last flush wrote:
+bytes written after it are cut off, a file shorter than its header keeps the whole frames it
+holds, and a header that was never flushed means no audio.  Unanswered calls are forgotten
+(they would get no recording either when ending normally); an entry that cannot be made whole
+is moved aside instead of being published.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import wave
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from callcap.errors import StorageError
+from callcap.storage.sidecar import validate_sidecar
+from callcap.storage.spool import CallFacts, audio_path, facts_path, recover_spool, save_facts
+from callcap.storage.wav import WavWriter, recover_spooled_wav
+
+UID = "abcdefghijklmnop"
+
+
+def _frames(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(-20000, 20000, size=(n, 2), dtype=np.int16)
+
+
+def _crash_copy(writer_path: Path, to: Path) -> Path:
+    """What the disk holds if the writer died now: the file as it is, never closed."""
+    shutil.copyfile(writer_path, to)
+    return to
+
+
+def _read(path: Path) -> np.ndarray:
+    with wave.open(str(path)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (2, 2, 8000)
+        data = w.readframes(w.getnframes())
+    return np.frombuffer(data, dtype="<i2").reshape(-1, 2)
+
+
+def test_audio_after_the_last_flush_is_cut_off(tmp_path: Path) -> None:
+    writer = WavWriter(tmp_path / "live.wav.part")
+    flushed = _frames(8000, 1)
+    writer.write(flushed)
+    writer.flush()
+    writer.write(_frames(3001, 2))  # on disk (page cache), but never made durable
+    crashed = _crash_copy(writer.path, tmp_path / "crashed.wav")
+    writer.close()
+    size = crashed.stat().st_size
+    assert recover_spooled_wav(crashed) == (8000, "WAV")
+    np.testing.assert_array_equal(_read(crashed), flushed)
+    assert crashed.read_bytes()[:4] == b"RIFF"
+    assert crashed.stat().st_size == size - 3001 * 4
+
+
+def test_a_file_shorter_than_its_header_keeps_its_whole_frames(tmp_path: Path) -> None:
+    writer = WavWriter(tmp_path / "live.wav.part")
+    flushed = _frames(4000, 3)
+    writer.write(flushed)
+    writer.flush()
+    crashed = _crash_copy(writer.path, tmp_path / "crashed.wav")
+    writer.close()
+    os.truncate(crashed, crashed.stat().st_size - 4 * 100 - 3)  # a torn last frame
+    assert recover_spooled_wav(crashed) == (3899, "WAV")
+    np.testing.assert_array_equal(_read(crashed), flushed[:3899])
+
+
+def test_a_never_flushed_file_holds_no_audio(tmp_path: Path) -> None:
+    writer = WavWriter(tmp_path / "live.wav.part")
+    opened = _crash_copy(writer.path, tmp_path / "opened.wav")
+    assert opened.read_bytes()[:4] == b"RF64"  # libsndfile's placeholder header at open
+    writer.write(_frames(2000, 4))
+    written = _crash_copy(writer.path, tmp_path / "written.wav")  # header of the first write
+    writer.close()
+    for crashed in (opened, written):
+        assert recover_spooled_wav(crashed) == (0, "WAV")
+        assert len(_read(crashed)) == 0
+
+
+def test_a_file_that_is_not_a_wav_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.wav.part"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00AVI LIST")
+    with pytest.raises(StorageError, match="not a RIFF/RF64 WAVE"):
+        recover_spooled_wav(bad)
+    assert bad.read_bytes() == b"RIFF\x00\x00\x00\x00AVI LIST"  # left as it was
+
+
+def _checkpoint_sidecar() -> dict[str, Any]:
+    """What a recorder's checkpoint holds for an answered call (audio not yet known)."""
+    return {
+        "schema_version": 1,
+        "call_uid": UID,
+        "call_id": "c1@192.0.2.1",
+        "from": {"uri": "sip:alice@192.0.2.1", "user": "alice", "display_name": None, "tag": "a"},
+        "to": {"uri": "sip:bob@192.0.2.2", "user": "bob", "display_name": None, "tag": "b"},
+        "caller_ip": "192.0.2.1",
+        "callee_ip": "192.0.2.2",
+        "start": "2023-11-14T22:13:20.000Z",
+        "answer": "2023-11-14T22:13:21.000Z",
+        "end": "2023-11-14T22:13:30.000Z",
+        "duration_s": 10.0,
+        "talk_s": 9.0,
+        "end_reason": "recovered",
+        "final_status": 200,
+        "transport": "udp",
+        "user_agents": [],
+        "audio": {
+            "file": "",
+            "format": "WAV",
+            "encoding": "PCM_16",
+            "sample_rate": 8000,
+            "channels": ["caller", "callee"],
+            "frames": 0,
+            "duration_s": 0.0,
+            "start": "2023-11-14T22:13:21.100Z",
+            "sha256": "",
+            "bytes": 0,
+        },
+        "streams": [],
+        "gaps": [],
+        "gaps_omitted": 0,
+        "dtmf": [],
+        "consent": {
+            "mode": "one_party",
+            "rule": None,
+            "status": "not_required",
+            "evidence": None,
+            "action": "kept",
+        },
+        "retention": {
+            "rule": None,
+            "keep": "90d",
+            "delete_after": "2024-02-12T22:13:30.000Z",
+            "legal_hold": False,
+        },
+        "warnings": [],
+        "recorder": {"name": "callcap", "version": "0.1.0"},
+    }
+
+
+def _facts(answer: str | None) -> CallFacts:
+    sidecar = {"answer": answer, "audio": {"sample_rate": 8000}}
+    return CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar)
+
+
+def test_unanswered_calls_are_forgotten_and_answered_ones_without_audio_kept_aside(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    dead = 4_000_001
+    save_facts(facts_path(out, UID, dead), _facts(None), file_mode=0o640, dir_mode=0o750)
+    other = "zyxwvutsrqponmlk"
+    save_facts(
+        facts_path(out, other, dead),
+        CallFacts(other, 1.0, 2.0, {"answer": "x", "audio": {"sample_rate": 8000}}),
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    recovered, damaged = recover_spool(out, alive=lambda pid: False)
+    assert recovered == []
+    assert [d.name for d in damaged] == [f"{other}-{dead}"]
+    assert "without audio" in damaged[0].reason
+    assert not facts_path(out, UID, dead).exists()
+    assert (out / ".spool" / "damaged" / facts_path(out, other, dead).name).is_file()
+
+
+def test_entries_of_a_live_writer_are_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    live = 4_000_002
+    save_facts(facts_path(out, UID, live), _facts("x"), file_mode=0o640, dir_mode=0o750)
+    part = audio_path(out, UID, live)
+    part.write_bytes(b"being written")
+    assert recover_spool(out, alive=lambda pid: pid == live) == ([], [])
+    assert part.read_bytes() == b"being written"
+    assert json.loads(facts_path(out, UID, live).read_text())["call_uid"] == UID
+
+
+def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Path) -> None:
+    """A recording at the warning limit must not become unpublishable by recovery's own."""
+    out = tmp_path / "out"
+    dead = 4_000_003
+    (out / ".spool").mkdir(parents=True)
+    writer = WavWriter(audio_path(out, UID, dead))
+    writer.write(_frames(800, 5))
+    writer.flush()
+    sidecar = _checkpoint_sidecar()
+    sidecar["warnings"] = [{"code": f"w{i}", "detail": "x"} for i in range(100)]
+    save_facts(
+        facts_path(out, UID, dead),
+        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    validate_sidecar(doc)
+    assert len(doc["warnings"]) == 100
+    assert doc["warnings"][-1]["code"] == "recovered_from_spool"
+    assert doc["audio"]["frames"] == 800
+    np.testing.assert_array_equal(_read(recovered.wav.path), _frames(800, 5))
