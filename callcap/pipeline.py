@@ -48,7 +48,9 @@ from callcap.storage.audit import (
     AuditWriter,
     FileRef,
 )
+from callcap.storage.layout import spool_dir
 from callcap.storage.publish import BackgroundPublisher
+from callcap.storage.spool import SpoolSync
 
 UDP = 17
 TCP = 6
@@ -181,6 +183,7 @@ class Pipeline:
         self._framers: dict[tuple[bytes, int, bytes, int], SipStreamFramer] = {}
         self._flows: dict[bytes, _FastFlow] = {}
         self._queued: list[_FastFlow] = []  # flows with frames waiting in the fast lane
+        self._spool_sync = SpoolSync()
         self._publisher: BackgroundPublisher[Publication, tuple[Published, str | None]] = (
             BackgroundPublisher()
         )
@@ -781,6 +784,8 @@ class Pipeline:
                 self.drops.drop(
                     "spool_write_failed", now, call_uid=rec.call_uid, detail=str(exc)[:300]
                 )
+        if self.durable and self.recorders:
+            self._spool_sync.request(spool_dir(self.out_dir))
         self._handle(tracker.expire(now))
         self._published(self._publisher.completed())
         self.decoder.expire(now)
@@ -799,6 +804,7 @@ class Pipeline:
                 self.tracker.touch(call_id, rec.last_rtp)
         self._handle(self.tracker.close_all(reason, when))
         self.settle()
+        self._spool_sync.close()
         self.drops.flush(when)
 
     def warn_active(self, code: str, detail: str) -> None:

@@ -387,15 +387,17 @@ class CallRecorder:
         # leaves facts that end after the committed audio, never before it.
         self.checkpoint(now)
         if wrote and self.durable and self._writer is not None:
-            self._writer.flush()
+            self._writer.flush(sync=False)  # the pipeline syncs the spool as a whole
 
     def checkpoint(self, now: float) -> None:
         """Durable mode: save the call's facts beside its spool audio (crash recovery).
 
         Called when the call starts, answers or changes media and at every flush (before the
-        WAV header is committed), so the facts on disk always cover at least the audio the
-        spool file's header promises.  The recovered sidecar ends at ``now``, with
-        ``end_reason: "recovered"``.
+        WAV header is committed), so after a crash of the process the facts always cover at
+        least the audio the spool file's header promises.  Neither is fsynced here: the
+        pipeline syncs the spool's filesystem once per flush interval
+        (:class:`~callcap.storage.spool.SpoolSync`), which covers a power cut up to the last
+        sync.  The recovered sidecar ends at ``now``, with ``end_reason: "recovered"``.
         """
         if not self.durable:
             return
@@ -406,6 +408,7 @@ class CallRecorder:
             facts,
             file_mode=self.config.recording.file_mode,
             dir_mode=self.config.recording.dir_mode,
+            sync=False,
         )
 
     def finish(self, end: float) -> Published:

@@ -87,9 +87,18 @@ def publish_file(
 
 
 def write_json_atomic(
-    final: Path, obj: object, *, file_mode: int = 0o640, dir_mode: int = 0o750
+    final: Path,
+    obj: object,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+    sync: bool = True,
 ) -> PublishedFile:
-    """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory."""
+    """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory.
+
+    ``sync=False`` skips the fsyncs: the replacement is still atomic for readers and across a
+    process crash, and becomes durable with the next sync of the filesystem (the spool's
+    checkpoints, made durable all at once by :class:`~callcap.storage.spool.SpoolSync`)."""
     try:
         data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     except (TypeError, ValueError) as exc:  # not JSON-able, or a lone surrogate left in text
@@ -105,11 +114,13 @@ def write_json_atomic(
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final)
-        _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        if sync:
+            _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()

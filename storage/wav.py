@@ -112,19 +112,23 @@ class WavWriter:
             raise StorageError(f"cannot write {self.path}: {exc}") from exc
         self._frames += len(frames)
 
-    def flush(self) -> None:
-        """Make everything written so far durable: the spool's once-a-second guarantee.
+    def flush(self, *, sync: bool = True) -> None:
+        """Commit everything written so far: the spool's once-a-second guarantee.
 
         libsndfile writes PCM straight through to the file descriptor, so there is no
         user-space buffer to drain; ``SFC_UPDATE_HEADER_NOW`` rewrites the sizes in the header
-        (a spool file left by a crash is then a readable WAV up to the last flush) and
-        python-soundfile's ``flush`` is ``sf_write_sync``, i.e. fsync(2).
+        (a spool file left by a crash is then a readable WAV up to the last flush).  With
+        ``sync`` the file is also fsynced (python-soundfile's ``flush`` is ``sf_write_sync``);
+        without, it survives a process crash at once and a power cut from the next sync of
+        the filesystem (the daemon syncs the spool's filesystem once per flush interval
+        instead of fsyncing every call's file).
         """
         try:
             soundfile._snd.sf_command(
                 self._file._file, SFC_UPDATE_HEADER_NOW, soundfile._ffi.NULL, 0
             )
-            self._file.flush()
+            if sync:
+                self._file.flush()
         except (OSError, RuntimeError) as exc:
             raise StorageError(f"cannot flush {self.path}: {exc}") from exc
 
