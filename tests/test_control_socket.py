@@ -183,7 +183,8 @@ def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
         assert resumed["ok"] and not resumed["paused"] and resumed["changed"]
         call.join(timeout=90)
         deadline = time.monotonic() + 20
-        while not list(out.rglob("*.json")) and time.monotonic() < deadline:
+        while "recording_written" not in [e["event"] for e in events]:
+            assert time.monotonic() < deadline, "no recording written"
             time.sleep(0.2)
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=30)
@@ -193,7 +194,12 @@ def test_pausing_a_live_call_through_the_daemon_socket(tmp_path: Path) -> None:
     assert run.returncodes == {"uac": 0, "uas": 0}
     names = [e["event"] for e in events]
     assert "recording_paused" in names and "recording_resumed" in names
-    (sidecar,) = out.rglob("*.json")
+    # lo may carry other calls too: the one paused is found by its Call-ID
+    (sidecar,) = [
+        path
+        for path in out.rglob("*.json")
+        if json.loads(path.read_text(encoding="utf-8"))["call_id"] == call_id
+    ]
     doc = json.loads(sidecar.read_text(encoding="utf-8"))
     (pause,) = doc["pauses"]
     assert pause["by"] == "control"
