@@ -17,6 +17,12 @@ from pathlib import Path
 from callcap import __version__, archive_cli
 from callcap.errors import CaptureError, ConfigError
 
+# The recorder runs on one thread; its matrix products (the in-band DTMF detector's) are
+# small, and a BLAS thread pool contending for the cores with the capture loop makes them
+# several times slower, not faster (bench/README.md).  Set before numpy is first imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2

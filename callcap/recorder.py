@@ -31,7 +31,7 @@ from callcap.capture.sdp import STATIC_PAYLOAD_TYPES, MediaDescription, RtpMap
 from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
-from callcap.codecs.inband import InbandDtmfDetector
+from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config
 from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
@@ -434,6 +434,12 @@ class CallRecorder:
             if self._carry is not None:
                 horizon = max(horizon, self.written + len(self._carry))
             self._write_until(horizon, final=True)
+        if self._inband is not None:
+            # a tone still sounding when the audio ended, and signalled keys still waiting
+            for ch, detector in enumerate(self._inband):
+                for tone in detector.flush():
+                    self._add_inband(ch, tone)
+            self._release_deferred(final=True)
         if self.paused:
             self.pauses[-1][1] = max(self.written, self.pauses[-1][0])
         keep_audio = call.answer is not None
@@ -598,10 +604,10 @@ class CallRecorder:
                     return
             self._recent.append((digit, side, inband, pos))
             del self._recent[:-32]
-        stored = self._store_dtmf(digit, side, source, pos, duration_ms)
+        self._store_dtmf(digit, side, source, pos, duration_ms)
         if side == self.config.pci.agent_side:
             end = None if pos is None else pos + round((duration_ms or 0) * TIMELINE_RATE / 1000)
-            self._sequence(digit, end, stored)
+            self._sequence(digit, end)
 
     def _store_dtmf(
         self, digit: str, side: str, source: str, pos: int | None, duration_ms: int | None
@@ -617,7 +623,7 @@ class CallRecorder:
         )
         return True
 
-    def _sequence(self, digit: str, end: int | None, stored: bool) -> None:
+    def _sequence(self, digit: str, end: int | None) -> None:
         """The agent's keys: the pause sequence pauses after its last key, the resume
         sequence resumes after its last key."""
         keys = self._keys
@@ -727,19 +733,22 @@ class CallRecorder:
             if final:
                 found += self._inband[ch].flush()
             for digit in found:
-                self._add_dtmf(
-                    digit.digit,
-                    CHANNELS[ch],
-                    "inband",
-                    self._inband_origin[ch] + digit.start,
-                    round(digit.duration * 1000 / TIMELINE_RATE),
-                )
+                self._add_inband(ch, digit)
             if len(self.pauses) > opened and self.paused:
                 origin = max(int(self.pauses[-1][0]), begin)
                 self._inband[ch] = InbandDtmfDetector()
                 self._inband_origin[ch] = origin
                 self._inband[ch].feed(np.zeros(max(0, end - origin), dtype=np.int16))
         self._fed = end
+
+    def _add_inband(self, ch: int, digit: ToneDigit) -> None:
+        self._add_dtmf(
+            digit.digit,
+            CHANNELS[ch],
+            "inband",
+            self._inband_origin[ch] + digit.start,
+            round(digit.duration * 1000 / TIMELINE_RATE),
+        )
 
     def _sidecar(
         self,

@@ -260,3 +260,33 @@ def test_a_key_pressed_over_speech_is_still_found(tmp_path: Path) -> None:
     found = detect(pcm(speech))
     assert [d.digit for d in found] == ["8"]
     assert abs(found[0].start - RATE) <= 24
+
+
+def music(seconds: float, seed: int) -> npt.NDArray[np.int16]:
+    """Chords and a melody of harmonic notes (equal temperament, decaying like a plucked or
+    bowed string).  Two bare sines a keypad pair apart *are* a DTMF key, so notes carry
+    the overtones real instruments have."""
+    rng = np.random.default_rng(seed)
+    n = round(seconds * RATE)
+    out = np.zeros(n)
+    note_len = 2000  # 250 ms
+    t = np.arange(note_len) / RATE
+    for start in range(0, n - note_len, note_len):
+        root = 220 * 2 ** (int(rng.integers(0, 30)) / 12)
+        chord = [root, root * 2 ** (4 / 12), root * 2 ** (7 / 12)]
+        melody = [root * 2 ** (int(rng.integers(12, 30)) / 12)]
+        decay = np.exp(-t * float(rng.uniform(2, 10)))
+        for f in chord + melody:
+            for k in range(1, 9):
+                if k * f < RATE / 2:
+                    out[start : start + note_len] += (
+                        1800 / k * decay * np.sin(2 * np.pi * k * f * t + rng.uniform(0, 6.3))
+                    )
+    return np.clip(out, -32768, 32767).astype(np.int16)
+
+
+def test_minutes_of_music_give_no_digits() -> None:
+    for seed in range(4):
+        tune = music(30.0, seed)
+        assert detect(tune) == [], seed
+        assert detect(decode_alaw(encode_alaw(tune))) == [], seed
