@@ -804,6 +804,7 @@ class Pipeline:
                 self.tracker.touch(call_id, rec.last_rtp)
         self._handle(self.tracker.close_all(reason, when))
         self.settle()
+        self._publisher.shutdown()
         self._spool_sync.close()
         self.drops.flush(when)
 

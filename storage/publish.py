@@ -163,13 +163,18 @@ class BackgroundPublisher(Generic[K, T]):
     """
 
     def __init__(self, workers: int = 1, max_pending: int = 256) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="callcap-publish")
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None  # started by the first job
         self._pending: deque[tuple[K, Future[T]]] = deque()
         self._max_pending = max_pending
 
     def submit(self, tag: K, job: Callable[[], T]) -> None:
         if len(self._pending) >= self._max_pending:
             self._pending[0][1].exception()  # wait for the oldest; collected by completed()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._workers, thread_name_prefix="callcap-publish"
+            )
         self._pending.append((tag, self._pool.submit(job)))
 
     def completed(self, *, wait: bool = False) -> list[tuple[K, T | Exception]]:
@@ -192,5 +197,8 @@ class BackgroundPublisher(Generic[K, T]):
         return len(self._pending)
 
     def shutdown(self) -> None:
-        """Stop the worker threads (after the jobs in flight)."""
-        self._pool.shutdown(wait=True)
+        """Stop the worker threads after the jobs in flight (the next ``submit`` starts
+        them again)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

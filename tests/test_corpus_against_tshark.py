@@ -266,11 +266,18 @@ def test_g722_is_reported_unsupported_with_silence(
 
 
 def test_pyshark_rtp_packet_counts_agree(
-    corpus: Path, recorded: dict[str, tuple[Path, list[dict[str, Any]], str]]
+    corpus: Path,
+    recorded: dict[str, tuple[Path, list[dict[str, Any]], str]],
+    request: pytest.FixtureRequest,
 ) -> None:
     """Live oracle: pyshark (tshark's dissectors) counts each SDP-tied stream's packets."""
     import pyshark
 
+    loops: set[Any] = set()
+    request.addfinalizer(lambda: [loop.close() for loop in loops])
+    # (pyshark's event loop keeps a SIGCHLD handler writing to its wake-up socket; left
+    # open, every later child process of this test session fills that socket until Python
+    # reports "Resource temporarily unavailable" in unrelated tests.)
     for name in ["SIP_DTMF2.pcap", "sip-rtp-g711.pcap", "sip_ipv4_tcp.pcap"]:
         _out, docs, _log = recorded[name]
         counts: Counter[tuple[str, str, str]] = Counter()
@@ -285,6 +292,7 @@ def test_pyshark_rtp_packet_counts_agree(
                 counts[(src, dst, f"0x{int(ssrc_field, 16):08X}")] += 1
         finally:
             cap.close()
+            loops.add(cap.eventloop)
         ours = {_stream_key(s): s["packets"] for doc in docs for s in doc["streams"]}
         assert ours, name
         for key, packets in ours.items():
