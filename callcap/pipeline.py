@@ -38,10 +38,12 @@ from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
 from callcap.capture.stream import place_runs
 from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
+from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Publication, Published
 from callcap.storage.audit import (
+    CONSENT_DECIDED,
     RECORDING_DISCARDED,
     RECORDING_PUBLISHED,
     AuditLog,
@@ -510,6 +512,21 @@ class Pipeline:
         self._handle(self.tracker.on_message(msg, ts, src, dst, transport))
         if msg.is_request:
             self._pci_signal(ts, msg)
+            self._consent_signal(ts, msg)
+
+    def _consent_signal(self, ts: float, msg: SipMessage) -> None:
+        """An in-dialog request of a call still deciding consent: its headers may be the
+        ``sip_header`` evidence (the initial INVITE's are taken at the answer)."""
+        call_id = msg.header("call-id")
+        rec = self.recorders.get(call_id.strip()) if call_id is not None else None
+        if rec is None or rec.consent.decision is not None or rec.consent.answer is None:
+            return
+        call = rec.call
+        try:
+            side = call.side_of_sender(msg, msg.from_)
+        except ParseError:
+            return  # the tracker has counted the malformed From already
+        rec.consent_header(msg.headers, side, ts)
 
     def _pci_signal(self, ts: float, msg: SipMessage) -> None:
         """A pause or resume signalled in SIP: the configured header in any in-dialog
@@ -566,6 +583,9 @@ class Pipeline:
                 self._start(event)
             elif isinstance(event, CallAnswered):
                 self.log.info("call_answered", call_id=_short(event.call.call_id), ts=event.ts)
+                answered = self.recorders.get(event.call.call_id)
+                if answered is not None:
+                    answered.answered(event.ts)
             elif isinstance(event, DtmfSignalled):
                 rec = self.recorders.get(event.call.call_id)
                 if rec is not None:
@@ -579,7 +599,12 @@ class Pipeline:
             self.drops.drop("too_many_calls", event.ts)
             return
         rec = CallRecorder(
-            call, self.config, self.out_dir, durable=self.durable, sources=self.sources
+            call,
+            self.config,
+            self.out_dir,
+            durable=self.durable,
+            sources=self.sources,
+            on_consent=self._consent_decided,
         )
         self.recorders[call.call_id] = rec
         self.calls_started += 1
@@ -591,6 +616,20 @@ class Pipeline:
             callee=_short(call.to.uri),
             caller_ip=call.caller_ip,
             callee_ip=call.callee_ip,
+        )
+
+    def _consent_decided(self, rec: CallRecorder, decision: ConsentDecision) -> None:
+        """Log a call's consent decision when it is made (the audit entry follows with the
+        call's publication, under the archive lock)."""
+        if decision.mode == "one_party":
+            return
+        self.log.info(
+            "consent_decided",
+            call_uid=rec.call_uid,
+            status=decision.status,
+            rule=decision.rule,
+            method=decision.evidence.method if decision.evidence is not None else None,
+            action=decision.action,
         )
 
     def _media(self, event: MediaOffered) -> None:
@@ -722,7 +761,20 @@ class Pipeline:
             files["wav"] = log.ref(published.wav.path, published.wav.sha256)
         files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
         doc = published.document
+        consent = doc["consent"]
         try:
+            if consent["mode"] == "all_party":
+                evidence = consent["evidence"]
+                log.append(
+                    CONSENT_DECIDED,
+                    {
+                        "call_uid": published.call_uid,
+                        "rule": consent["rule"],
+                        "status": consent["status"],
+                        "method": evidence["method"] if evidence is not None else None,
+                        "action": consent["action"],
+                    },
+                )
             log.append(
                 event,
                 {

@@ -63,8 +63,9 @@ def events(call: Call, start: float, digits: list[tuple[float, str]]) -> None:
 
 
 def record(tmp: Path, pcap: Path, config: str = "") -> tuple[dict[str, Any], npt.NDArray[np.int16]]:
-    """``callcap record`` on one call's capture (agent: the callee); its sidecar and audio."""
-    run_record(tmp, pcap, config=config or "pci: {agent_side: callee}\n")
+    """``callcap record`` on one call's capture (agent: the callee, keypad tones detected);
+    its sidecar and audio."""
+    run_record(tmp, pcap, config=config or "pci: {agent_side: callee}\ndtmf: {inband: true}\n")
     return one_call(tmp)
 
 
