@@ -464,3 +464,16 @@ def test_sip_info_digits_of_a_real_capture_decide_consent(
     assert abs(consent["evidence"]["at_s"] - (first_info - _seconds(doc["answer"]))) <= 0.002
     wavs = list((tmp_path / "out").rglob("*.wav"))
     assert len(wavs) == (1 if status == "granted" else 0)
+
+
+def test_a_key_pressed_while_paused_does_not_count(tmp_path: Path) -> None:
+    call, start, _ref_a, _ref_b = talking_call()
+    call.request(start + 0.5, "INFO", body="on", ctype="application/x-callcap-pause")
+    keys(call, start, [(1.0, "1")])
+    call.request(start + 2.0, "INFO", body="off", ctype="application/x-callcap-pause")
+    call.bye(start + 5.3)
+    run(tmp_path, call, rule(on_missing="keep_flagged"))
+    ((doc, audio),) = outputs(tmp_path)
+    assert audio is not None and doc["pauses"][0]["from_s"] == 0.5
+    assert doc["consent"] == consent("missing", None, "flagged")
+    assert doc["dtmf"] == []
