@@ -5,13 +5,12 @@ digit — 1 keeps the recording (its audio is the caller's speech), 2 leaves non
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import soundfile
+from recorded_archive import callcap
 from sipp_harness import CallRun, best_lag, run_call
 from test_e2e_sipp_calls import _iso_to_epoch, no_leftovers, published
 
@@ -36,15 +35,7 @@ consent:
 def record(run: CallRun, out: Path) -> list[dict[str, Any]]:
     config = out.parent / "consent.yaml"
     config.write_text(CONFIG, encoding="utf-8")
-    args = ["record", str(run.capture), "--out", str(out), "--config", str(config)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "callcap", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    callcap("record", str(run.capture), "--out", str(out), "--config", str(config))
     return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
 
 
