@@ -222,18 +222,20 @@ class CallRecorder:
         """Act on a consent decision once: discard everything held, and tell the listener."""
         if decision is None:
             return
-        if not decision.keeps_audio:
-            self.discarded = True
-            self.discard()
-            for pending in self._pending:
-                pending.clear()
-            self._carry = None
-            self._deferred.clear()
-            self.dtmf.clear()
-            self._recent.clear()
-            self._inband = None
-        if self.on_consent is not None:
-            self.on_consent(self, decision)
+        try:
+            if not decision.keeps_audio:
+                self.discarded = True
+                for pending in self._pending:
+                    pending.clear()
+                self._carry = None
+                self._deferred.clear()
+                self.dtmf.clear()
+                self._recent.clear()
+                self._inband = None
+                self.discard()
+        finally:
+            if self.on_consent is not None:
+                self.on_consent(self, decision)
 
     # -- signalling input ---------------------------------------------------------------------
 
