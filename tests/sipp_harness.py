@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from callcap.codecs.g711 import decode_alaw, decode_ulaw, encode_alaw, encode_ulaw
+from callcap.codecs.inband import HIGH_GROUP, KEYS, LOW_GROUP
 
 SIPP_DIR = Path(__file__).resolve().parent / "data" / "sipp"
 LOOPBACK = "127.0.0.1"
@@ -103,6 +104,25 @@ class Side:
 
 
 _EVENT_CODES = {d: i for i, d in enumerate("0123456789*#ABCD")}
+
+
+def with_key_tones(
+    speech: npt.NDArray[np.int16], tones: tuple[tuple[float, str], ...]
+) -> npt.NDArray[np.int16]:
+    """``speech`` with a 150 ms keypad tone (the key's two frequencies, ITU-T Q.23) in
+    place of the speech at each ``(seconds, digit)``; the tail is padded if needed."""
+    out = speech.astype(np.float64)
+    t = np.arange(round(0.15 * RATE)) / RATE
+    for at, digit in tones:
+        i = KEYS.index(digit)
+        pair = 6000 * (
+            np.sin(2 * np.pi * LOW_GROUP[i // 4] * t) + np.sin(2 * np.pi * HIGH_GROUP[i % 4] * t)
+        )
+        start = round(at * RATE)
+        if start + len(pair) > len(out):
+            out = np.concatenate([out, np.zeros(start + len(pair) - len(out))])
+        out[start : start + len(pair)] = pair
+    return np.clip(out, -32768, 32767).astype(np.int16)
 
 
 def write_rtp_pcap(
@@ -273,11 +293,16 @@ def run_call(
     caller_text: str = "Hello, this is the caller speaking on a recorded line.",
     callee_text: str = "Good morning, you have reached the callee, how can I help?",
     dtmf: tuple[tuple[float, str], ...] = (),
+    caller_tones: tuple[tuple[float, str], ...] = (),
     bye_by: str = "caller",
     reject: int | None = None,
     timeout: float = 60.0,
 ) -> CallRun:
-    """One sipp call over loopback, captured with tcpdump."""
+    """One sipp call over loopback, captured with tcpdump.
+
+    ``dtmf`` keys go out as RFC 4733 events; ``caller_tones`` keys (seconds into the
+    caller's speech, digit) are keypad tones in its audio.
+    """
     tmp.mkdir(parents=True, exist_ok=True)
     pt = "0" if codec == "PCMU" else "8"
     caller = callee = None
@@ -285,7 +310,7 @@ def run_call(
         (tmp / "a").mkdir(exist_ok=True)
         (tmp / "b").mkdir(exist_ok=True)
         caller = write_rtp_pcap(
-            make_speech(caller_text, tmp / "a"),
+            with_key_tones(make_speech(caller_text, tmp / "a"), caller_tones),
             tmp / "caller.pcap",
             codec=codec,
             ssrc=0x0A11CE00,

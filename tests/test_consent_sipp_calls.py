@@ -1,6 +1,7 @@
-"""Consent with real SIP peers: a sipp caller keys an RFC 2833 digit in its call to a sipp
-callee over loopback, tcpdump captures it, and ``callcap record`` decides consent from the
-digit — 1 keeps the recording (its audio is the caller's speech), 2 leaves none."""
+"""Consent with real SIP peers: a sipp caller keys a digit — as an RFC 2833 event or as a
+keypad tone in its speech — in its call to a sipp callee over loopback, tcpdump captures
+it, and ``callcap record`` decides consent from the digit: 1 keeps the recording (its audio
+is the caller's speech), 2 leaves none, and speech alone is never taken for a key."""
 
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ consent:
 """
 
 
-def record(run: CallRun, out: Path) -> list[dict[str, Any]]:
+def record(run: CallRun, out: Path, config_text: str = CONFIG) -> list[dict[str, Any]]:
     config = out.parent / "consent.yaml"
-    config.write_text(CONFIG, encoding="utf-8")
+    config.write_text(config_text, encoding="utf-8")
     callcap("record", str(run.capture), "--out", str(out), "--config", str(config))
     return [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
 
@@ -70,3 +71,43 @@ def test_an_rfc2833_digit_2_from_a_sipp_caller_leaves_no_audio(tmp_path: Path) -
     assert doc["consent"]["status"] == "refused" and doc["audio"] is None
     assert [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl")] == []
     assert [e["event"] for e in entries] == ["consent_decided", "recording_discarded"]
+
+
+INBAND_CONFIG = CONFIG.replace("evidence: [dtmf]", "evidence: [inband]").replace(
+    "on_missing: discard", "on_missing: keep_flagged"
+)
+
+
+def test_a_keypad_tone_in_a_sipp_callers_speech_grants_consent(tmp_path: Path) -> None:
+    run = run_call(tmp_path / "call", codec="PCMU", caller_tones=((1.5, "1"),))
+    assert run.returncodes == {"uac": 0, "uas": 0}, run.uac_log + run.uas_log
+    out = tmp_path / "out"
+    record(run, out, INBAND_CONFIG)
+    ((_sidecar, doc),) = published(out)
+    evidence = doc["consent"]["evidence"]
+    assert doc["consent"]["status"] == "granted"
+    assert (evidence["method"], evidence["digit"], evidence["side"]) == ("inband", "1", "caller")
+    caller_start = min(s["first"] for s in doc["streams"] if s["side"] == "caller")
+    expected = _iso_to_epoch(caller_start) + 1.5 - _iso_to_epoch(doc["answer"])
+    assert abs(evidence["at_s"] - expected) <= 0.05
+
+
+def test_speech_alone_is_no_consent_key(tmp_path: Path) -> None:
+    run = run_call(
+        tmp_path / "call",
+        codec="PCMA",
+        caller_text="One, two, three. Yes, I agree to the recording of this call, number one.",
+    )
+    assert run.returncodes == {"uac": 0, "uas": 0}, run.uac_log + run.uas_log
+    out = tmp_path / "out"
+    record(run, out, INBAND_CONFIG)
+    ((_sidecar, doc),) = published(out)
+    assert doc["audio"] is not None
+    assert doc["consent"] == {
+        "mode": "all_party",
+        "rule": "everyone",
+        "status": "missing",
+        "evidence": None,
+        "action": "flagged",
+    }
+    assert doc["dtmf"] == []
