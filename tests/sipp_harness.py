@@ -244,8 +244,12 @@ def _render(template: str, **values: str) -> str:
 
 
 @contextlib.contextmanager
-def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[bytes]]:
-    """tcpdump on loopback, started and listening before the call begins.
+def tcpdump(
+    capture: Path, interface: str = "lo", ports: tuple[int, ...] = ()
+) -> Iterator[subprocess.Popen[bytes]]:
+    """tcpdump on loopback, started and listening before the call begins; with ``ports``
+    only traffic to or from them is kept, so other programs' calls on the same loopback
+    interface stay out of the capture.
 
     ``--immediate-mode`` matters: with the kernel's block-buffered capture ring (TPACKET_V3)
     the packets of a partly filled block are lost when tcpdump is interrupted.
@@ -261,7 +265,9 @@ def tcpdump(capture: Path, interface: str = "lo") -> Iterator[subprocess.Popen[b
             "0",
             "-w",
             str(capture),
-            "udp or tcp",
+            "udp or tcp"
+            if not ports
+            else "(udp or tcp) and (" + " or ".join(f"port {p}" for p in ports) + ")",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -371,7 +377,8 @@ def run_call(
         f"{int(timeout)}s",
         "-timeout_error",
     ]
-    with tcpdump(capture):
+    call_ports = (uas_port, uac_port, uas_media, uas_media + 1, uac_media, uac_media + 1)
+    with tcpdump(capture, ports=call_ports):
         uas_proc = subprocess.Popen(
             [
                 "sipp",
