@@ -23,12 +23,13 @@ from callcap.capture.pcapfile import CaptureReader
 from callcap.config.loader import load_config
 from callcap.config.schema import Config
 from callcap.control import ControlError, ControlServer
-from callcap.errors import CaptureError, ConfigError
+from callcap.errors import CallcapError, CaptureError, ConfigError
 from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.pipeline import Pipeline
 from callcap.sdnotify import Notifier
+from callcap.storage.audit import RECORDING_DISCARDED, RECORDING_PUBLISHED, AuditLog, FileRef
 from callcap.storage.layout import ensure_dir
-from callcap.storage.spool import recover_spool
+from callcap.storage.spool import Recovered, recover_spool
 from callcap.sweeper import RetentionSweeper
 
 POLL_S = 0.25
@@ -151,13 +152,15 @@ class Daemon:
             self.log.info(
                 "call_recovered",
                 call_uid=call.call_uid,
-                path=str(call.wav.path),
+                path=str(call.wav.path) if call.wav is not None else None,
                 sidecar=str(call.sidecar),
-                bytes=call.wav.size,
-                sha256=call.wav.sha256,
+                bytes=call.wav.size if call.wav is not None else None,
+                sha256=call.wav.sha256 if call.wav is not None else None,
                 duration_s=call.duration_s,
                 audio_s=call.audio_s,
             )
+        if recovered:
+            self._audit_recovered(config, out, recovered)
         for entry in damaged:
             self.log.error(
                 "spool_entry_damaged",
@@ -165,6 +168,25 @@ class Daemon:
                 reason=entry.reason,
                 moved_to=[str(p) for p in entry.moved_to],
             )
+
+    def _audit_recovered(self, config: Config, out: Path, recovered: list[Recovered]) -> None:
+        """Recovered recordings enter the audit log like any other, so ``verify`` knows them."""
+        try:
+            with AuditLog(
+                out, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
+            ).locked() as audit:
+                for call in recovered:
+                    files: dict[str, FileRef] = {}
+                    if call.wav is not None:
+                        files["wav"] = audit.ref(call.wav.path, call.wav.sha256)
+                    files["sidecar"] = audit.ref(call.sidecar)
+                    audit.append(
+                        RECORDING_PUBLISHED if call.wav is not None else RECORDING_DISCARDED,
+                        {"call_uid": call.call_uid, "end_reason": "recovered"},
+                        files,
+                    )
+        except (OSError, CallcapError) as exc:
+            self.log.error("audit_failed", error=str(exc)[:500])
 
     def _live(self, pipeline: Pipeline, config: Config) -> int:
         log = self.log

@@ -38,10 +38,12 @@ from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
 from callcap.capture.stream import place_runs
 from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
+from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError
 from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Publication, Published
 from callcap.storage.audit import (
+    CONSENT_DECIDED,
     RECORDING_DISCARDED,
     RECORDING_PUBLISHED,
     AuditLog,
@@ -513,6 +515,21 @@ class Pipeline:
         self._handle(self.tracker.on_message(msg, ts, src, dst, transport))
         if msg.is_request:
             self._pci_signal(ts, msg)
+            self._consent_signal(ts, msg)
+
+    def _consent_signal(self, ts: float, msg: SipMessage) -> None:
+        """An in-dialog request of a call still deciding consent: its headers may be the
+        ``sip_header`` evidence (the initial INVITE's are taken at the answer)."""
+        call_id = msg.header("call-id")
+        rec = self.recorders.get(call_id.strip()) if call_id is not None else None
+        if rec is None or rec.consent.decision is not None or rec.consent.answer is None:
+            return
+        call = rec.call
+        try:
+            side = call.side_of_sender(msg, msg.from_)
+        except ParseError:
+            return  # the tracker has counted the malformed From already
+        rec.consent_header(msg.headers, side, ts)
 
     def _pci_signal(self, ts: float, msg: SipMessage) -> None:
         """A pause or resume signalled in SIP: the configured header in any in-dialog
@@ -577,6 +594,7 @@ class Pipeline:
                 )
                 if rec is not None:
                     self._checkpoint(rec, event.ts)
+                    rec.answered(event.ts)
             elif isinstance(event, DtmfSignalled):
                 rec = self.recorders.get(event.call.call_id)
                 if rec is not None:
@@ -590,7 +608,12 @@ class Pipeline:
             self.drops.drop("too_many_calls", event.ts)
             return
         rec = CallRecorder(
-            call, self.config, self.out_dir, durable=self.durable, sources=self.sources
+            call,
+            self.config,
+            self.out_dir,
+            durable=self.durable,
+            sources=self.sources,
+            on_consent=self._consent_decided,
         )
         self.recorders[call.call_id] = rec
         self.calls_started += 1
@@ -611,6 +634,20 @@ class Pipeline:
             rec.checkpoint(ts)
         except (OSError, CallcapError) as exc:
             self.drops.drop("spool_write_failed", ts, call_uid=rec.call_uid, detail=str(exc)[:300])
+
+    def _consent_decided(self, rec: CallRecorder, decision: ConsentDecision) -> None:
+        """Log a call's consent decision when it is made (the audit entry follows with the
+        call's publication, under the archive lock)."""
+        if decision.mode == "one_party":
+            return
+        self.log.info(
+            "consent_decided",
+            call_uid=rec.call_uid,
+            status=decision.status,
+            rule=decision.rule,
+            method=decision.evidence.method if decision.evidence is not None else None,
+            action=decision.action,
+        )
 
     def _media(self, event: MediaOffered) -> None:
         call_id = event.call.call_id
@@ -753,7 +790,20 @@ class Pipeline:
             files["wav"] = log.ref(published.wav.path, published.wav.sha256)
         files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
         doc = published.document
+        consent = doc["consent"]
         try:
+            if consent["mode"] == "all_party":
+                evidence = consent["evidence"]
+                log.append(
+                    CONSENT_DECIDED,
+                    {
+                        "call_uid": published.call_uid,
+                        "rule": consent["rule"],
+                        "status": consent["status"],
+                        "method": evidence["method"] if evidence is not None else None,
+                        "action": consent["action"],
+                    },
+                )
             log.append(
                 event,
                 {

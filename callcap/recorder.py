@@ -33,6 +33,7 @@ from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config
+from callcap.consent import ConsentDecision, ConsentTracker
 from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
@@ -65,6 +66,10 @@ INBAND_HOLD = 64 * TIMELINE_RATE // 1000
 #: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
 #: until the audio this long past its start has been analysed.
 INBAND_LAG = 150 * TIMELINE_RATE // 1000
+#: A key is reported when it ends (RFC 4733 end packet, tone end): consent is declared
+#: missing only once the input is complete this long past the deadline, so a key pressed
+#: just before it still counts.
+KEY_GRACE_S = 1.0
 
 
 class PayloadKind:
@@ -157,6 +162,7 @@ class CallRecorder:
         *,
         durable: bool = False,
         sources: tuple[str, ...] = (),
+        on_consent: Callable[[CallRecorder, ConsentDecision], None] | None = None,
     ) -> None:
         self.call = call
         self.config = config
@@ -192,8 +198,51 @@ class CallRecorder:
         self._inband_origin = [0, 0]
         self._fed = 0
         self._deferred: list[tuple[int, str, str, str, int | None]] = []
-        if config.dtmf.inband:
+        #: Latest capture time seen (a key without a timeline position is taken at it).
+        self._clock = call.start
+        self.consent = ConsentTracker(config.consent, call_facts(call))
+        self.on_consent = on_consent
+        #: Consent refused or missing with discard: no audio or key is kept any more.
+        self.discarded = False
+        #: Tone detection runs only for the consent window (``dtmf.inband`` is off).
+        self._inband_for_consent = False
+        if config.dtmf.inband or self.consent.listens_inband:
             self._inband = [InbandDtmfDetector(), InbandDtmfDetector()]
+            self._inband_for_consent = not config.dtmf.inband
+
+    # -- consent ----------------------------------------------------------------------------------
+
+    def answered(self, ts: float) -> None:
+        """The call was answered: its consent window opens."""
+        self._consent(self.consent.answered(ts))
+
+    def consent_header(self, headers: tuple[tuple[str, str], ...], side: str, ts: float) -> None:
+        """An in-dialog request's headers, for ``sip_header`` consent evidence."""
+        self._clock = max(self._clock, ts)
+        self._consent(self.consent.header(headers, side, ts))
+
+    def _audio_dropped(self) -> bool:
+        """``discarded``, read afresh: a key found during a step may have set it."""
+        return self.discarded
+
+    def _consent(self, decision: ConsentDecision | None) -> None:
+        """Act on a consent decision once: discard everything held, and tell the listener."""
+        if decision is None:
+            return
+        try:
+            if not decision.keeps_audio:
+                self.discarded = True
+                for pending in self._pending:
+                    pending.clear()
+                self._carry = None
+                self._deferred.clear()
+                self.dtmf.clear()
+                self._recent.clear()
+                self._inband = None
+                self.discard()
+        finally:
+            if self.on_consent is not None:
+                self.on_consent(self, decision)
 
     # -- signalling input ---------------------------------------------------------------------
 
@@ -207,6 +256,7 @@ class CallRecorder:
             )
 
     def add_info_dtmf(self, side: str, digit: str, duration_ms: int | None, ts: float) -> None:
+        self._clock = max(self._clock, ts)
         pos = self.position(ts)
         self._signalled(digit, side, "sip_info", pos, duration_ms)
 
@@ -374,7 +424,13 @@ class CallRecorder:
 
     def flush(self, now: float) -> None:
         """Write every sample older than the jitter window to the spool file."""
+        self._clock = max(self._clock, now)
+        if self.discarded:
+            for pending in self._pending:
+                pending.clear()
+            return
         if self.origin is None:
+            self._settle_consent(now)
             return
         for ctx in self.streams.values():
             ctx.stream.end_window()
@@ -388,6 +444,7 @@ class CallRecorder:
         self.checkpoint(now)
         if wrote and self.durable and self._writer is not None:
             self._writer.flush(sync=False)  # the pipeline syncs the spool as a whole
+        self._settle_consent(now)
 
     def checkpoint(self, now: float) -> None:
         """Durable mode: save the call's facts beside its spool audio (crash recovery).
@@ -401,6 +458,7 @@ class CallRecorder:
         """
         if not self.durable:
             return
+        # (after a discard the facts still go on: recovery then publishes the sidecar alone)
         doc = self._sidecar(True, "WAV", self.written, "", end=now, end_reason="recovered")
         facts = CallFacts(self.call_uid, self.call.start, now, doc)
         save_facts(
@@ -410,6 +468,18 @@ class CallRecorder:
             dir_mode=self.config.recording.dir_mode,
             sync=False,
         )
+
+    def _settle_consent(self, now: float) -> None:
+        """Declare consent missing once every key up to the deadline has been seen, and stop
+        the tone detector that ran only for the consent window."""
+        if self.consent.decision is None:
+            lag = self._jitter + (INBAND_LAG if self._inband is not None else 0)
+            self._consent(self.consent.settle(now - lag / TIMELINE_RATE - KEY_GRACE_S))
+        if self._inband_for_consent and self.consent.decision is not None:
+            self._inband_for_consent = False
+            if self._inband is not None:
+                self._release_deferred(final=True)
+                self._inband = None
 
     def finish(self, end: float) -> Published:
         """Drain everything, close the spool file and publish (or discard) the recording."""
@@ -425,7 +495,7 @@ class CallRecorder:
             if ctx.events is not None:
                 for digit in ctx.events.flush():
                     self._event_digit(ctx, digit)
-        if self.origin is not None:
+        if self.origin is not None and not self.discarded:
             last = max(
                 (pos + len(payload) for pending in self._pending for pos, payload, _ in pending),
                 default=0,
@@ -442,8 +512,11 @@ class CallRecorder:
             self._release_deferred(final=True)
         if self.paused:
             self.pauses[-1][1] = max(self.written, self.pauses[-1][0])
-        keep_audio = call.answer is not None
-        write_sidecar = keep_audio or self.config.recording.record_failed_calls
+        if self.consent.decision is None:
+            self._consent(self.consent.finish())
+        answered = call.answer is not None
+        keep_audio = answered and not self.discarded
+        write_sidecar = answered or self.config.recording.record_failed_calls
         writer: WavWriter | None = None
         audio_format, frames = "WAV", 0
         if keep_audio:
@@ -476,16 +549,19 @@ class CallRecorder:
         )
 
     def discard(self) -> None:
-        """Drop the spool file (failed call, or audio that must not be kept)."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._part is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._part.unlink()
-            self._part = None
-        if self.durable:
-            remove_entry(self.out_dir, self.call_uid, self._pid)
+        """Drop the spool file (failed call, or audio that must not be kept); the file goes
+        even when closing it fails."""
+        writer, self._writer = self._writer, None
+        part, self._part = self._part, None
+        try:
+            if writer is not None:
+                writer.close()
+        finally:
+            if part is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    part.unlink()
+            if self.durable:
+                remove_entry(self.out_dir, self.call_uid, self._pid)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -494,7 +570,8 @@ class CallRecorder:
     ) -> _StreamContext:
         if self.origin is None:
             self.origin = arrival
-            self._ensure_writer()
+            if not self.discarded:
+                self._ensure_writer()
         src, sport, dst, dport, ssrc = key
         stream = RtpStream(
             src=(ip_text(src), sport),
@@ -614,6 +691,15 @@ class CallRecorder:
     ) -> bool:
         if self.paused_at(pos):
             return False  # PCI: keys pressed while paused are never stored
+        if self.consent.decision is None:
+            when = (
+                self._clock
+                if pos is None or self.origin is None
+                else self.origin + pos / TIMELINE_RATE
+            )
+            self._consent(self.consent.key(digit, side, source == "inband", when))
+        if self.discarded:
+            return False
         if len(self.dtmf) >= MAX_DTMF:
             self.warn("dtmf_omitted", f"more than {MAX_DTMF} DTMF digits; the rest are not listed")
             return False
@@ -674,7 +760,7 @@ class CallRecorder:
         """
         start = self.written
         n = horizon - start
-        if n <= 0:
+        if n <= 0 or self.discarded:
             return
         carry = self._carry
         length = max(n, 0 if carry is None else len(carry))
@@ -703,6 +789,8 @@ class CallRecorder:
         if self._inband is not None:
             self._detect_inband(block, start, n, final=final)
             self._release_deferred(final)
+            if self._audio_dropped():
+                return  # a key in this very block refused consent: nothing is written
         w = n if final or self._inband is None else max(0, n - INBAND_HOLD)
         writer = self._writer
         assert writer is not None
@@ -734,6 +822,8 @@ class CallRecorder:
                 found += self._inband[ch].flush()
             for digit in found:
                 self._add_inband(ch, digit)
+            if self._audio_dropped():
+                return  # consent refused by a tone: nothing more is analysed
             if len(self.pauses) > opened and self.paused:
                 origin = max(int(self.pauses[-1][0]), begin)
                 self._inband[ch] = InbandDtmfDetector()
@@ -768,8 +858,7 @@ class CallRecorder:
         if end is None:
             end = call.end if call.end is not None else call.last_activity
         cfg = self.config
-        consent_mode = cfg.consent.default.mode
-        consent_status = "not_required" if consent_mode == "one_party" else "missing"
+        consent = self.consent.outlook() if checkpoint else self.consent.finish()
         audio: dict[str, Any] | None = None
         if keep_audio or checkpoint:
             audio = {
@@ -831,14 +920,8 @@ class CallRecorder:
                 }
                 for a, b, by in self.pauses
             ],
-            "consent": {
-                "mode": consent_mode,
-                "rule": None,
-                "status": consent_status,
-                "evidence": None,
-                "action": "kept" if consent_mode == "one_party" else "flagged",
-            },
-            "retention": retention_fields(cfg.retention, call_facts(call), consent_status, end),
+            "consent": consent.sidecar(),
+            "retention": retention_fields(cfg.retention, call_facts(call), consent.status, end),
             "warnings": list(self.warnings),
             "recorder": {"name": "callcap", "version": __version__},
         }

@@ -260,6 +260,8 @@ class ConsentRule:
     evidence: tuple[Literal["dtmf", "sip_header", "inband"], ...] = ()
     dtmf_digit: str = field(default="1", metadata={"check": _digit})
     optout_digit: str | None = field(default=None, metadata={"check": _digit})
+    #: Whose keys count: the party asked for consent (the caller presses 1 to agree).
+    dtmf_side: Literal["caller", "callee"] = "caller"
     #: Seconds after the answer within which consent must be given.
     within_s: float = field(default=30.0, metadata={"check": _positive})
     sip_header: SipHeaderEvidence | None = None
@@ -327,8 +329,10 @@ def _key_sequence(value: str) -> str | None:
 class DtmfConfig:
     """Which DTMF sources are listened to besides RFC 4733 events and SIP INFO."""
 
-    #: Detect keypad tones in the decoded audio (ITU-T Q.24 limits).
-    inband: bool = True
+    #: Detect keypad tones in the decoded audio (ITU-T Q.24 limits) on every call.  Off by
+    #: default: one core analyses only about 75 calls in real time (bench/README.md), so it
+    #: runs only where asked for — here, or for a consent rule's window (``evidence: inband``).
+    inband: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,7 +199,7 @@ def remove_entry(out_dir: Path, call_uid: str, pid: int) -> None:
 @dataclass(frozen=True, slots=True)
 class Recovered:
     call_uid: str
-    wav: PublishedFile
+    wav: PublishedFile | None  # None: consent said the audio must not be kept
     sidecar: Path
     duration_s: float
     audio_s: float
@@ -289,6 +289,8 @@ def _recover_one(
         for path in files.values():
             path.unlink()
         return None
+    if (facts.sidecar.get("consent") or {}).get("action") == "discarded":
+        return _recover_discarded(out_dir, uid, facts, files, file_mode, dir_mode)
     if part is None:
         raise StorageError(
             "call facts without audio (the audio may already be published without its sidecar)"
@@ -309,13 +311,46 @@ def _recover_one(
     return Recovered(uid, wav, sidecar.path, doc["duration_s"], doc["audio"]["duration_s"])
 
 
-def _recovered_sidecar(facts: CallFacts, file_name: str, fmt: str, frames: int) -> dict[str, Any]:
+def _recover_discarded(
+    out_dir: Path,
+    uid: str,
+    facts: CallFacts,
+    files: dict[str, Path],
+    file_mode: int,
+    dir_mode: int,
+) -> Recovered:
+    """A call whose consent was refused (or missing, to be discarded) keeps no audio after a
+    crash either: its spool audio is removed and only the sidecar is published."""
+    part = files.get(AUDIO_SUFFIX)
+    if part is not None:
+        with contextlib.suppress(FileNotFoundError):
+            part.unlink()
+    doc = _recovered_sidecar(facts, None, "WAV", 0)
+    validate_sidecar(doc)
+    stem = unique_stem(recording_stem(out_dir, facts.start, uid))
+    sidecar = write_json_atomic(
+        stem.with_suffix(".json"), doc, file_mode=file_mode, dir_mode=dir_mode
+    )
+    with contextlib.suppress(FileNotFoundError):
+        files[FACTS_SUFFIX].unlink()
+    return Recovered(uid, None, sidecar.path, doc["duration_s"], 0.0)
+
+
+def _recovered_sidecar(
+    facts: CallFacts, file_name: str | None, fmt: str, frames: int
+) -> dict[str, Any]:
+    """The recovered call's sidecar; ``file_name`` None: no audio is published."""
     doc: dict[str, Any] = json.loads(json.dumps(facts.sidecar))  # a deep copy of plain JSON
-    audio = doc["audio"]
-    rate = audio.get("sample_rate")
-    if not isinstance(rate, int) or rate <= 0:
-        raise StorageError(f"sidecar.audio.sample_rate: expected a positive integer, got {rate!r}")
-    audio.update(file=file_name, format=fmt, frames=frames, duration_s=round(frames / rate, 3))
+    if file_name is None:
+        doc["audio"] = None
+    else:
+        audio = doc["audio"]
+        rate = audio.get("sample_rate")
+        if not isinstance(rate, int) or rate <= 0:
+            raise StorageError(
+                f"sidecar.audio.sample_rate: expected a positive integer, got {rate!r}"
+            )
+        audio.update(file=file_name, format=fmt, frames=frames, duration_s=round(frames / rate, 3))
     doc["end_reason"] = "recovered"
     warning = {
         "code": RECOVERED_WARNING,

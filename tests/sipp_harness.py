@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from callcap.codecs.g711 import decode_alaw, decode_ulaw, encode_alaw, encode_ulaw
+from callcap.codecs.inband import HIGH_GROUP, KEYS, LOW_GROUP
 
 SIPP_DIR = Path(__file__).resolve().parent / "data" / "sipp"
 LOOPBACK = "127.0.0.1"
@@ -104,6 +105,25 @@ class Side:
 
 
 _EVENT_CODES = {d: i for i, d in enumerate("0123456789*#ABCD")}
+
+
+def with_key_tones(
+    speech: npt.NDArray[np.int16], tones: tuple[tuple[float, str], ...]
+) -> npt.NDArray[np.int16]:
+    """``speech`` with a 150 ms keypad tone (the key's two frequencies, ITU-T Q.23) in
+    place of the speech at each ``(seconds, digit)``; the tail is padded if needed."""
+    out = speech.astype(np.float64)
+    t = np.arange(round(0.15 * RATE)) / RATE
+    for at, digit in tones:
+        i = KEYS.index(digit)
+        pair = 6000 * (
+            np.sin(2 * np.pi * LOW_GROUP[i // 4] * t) + np.sin(2 * np.pi * HIGH_GROUP[i % 4] * t)
+        )
+        start = round(at * RATE)
+        if start + len(pair) > len(out):
+            out = np.concatenate([out, np.zeros(start + len(pair) - len(out))])
+        out[start : start + len(pair)] = pair
+    return np.clip(out, -32768, 32767).astype(np.int16)
 
 
 def write_rtp_pcap(
@@ -226,10 +246,14 @@ def _render(template: str, **values: str) -> str:
 
 @contextlib.contextmanager
 def tcpdump(
-    capture: Path, interface: str = "lo", netns: str | None = None
+    capture: Path,
+    interface: str = "lo",
+    netns: str | None = None,
+    ports: tuple[int, ...] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
     """tcpdump on loopback (of network namespace ``netns`` if given), started and listening
-    before the call begins.
+    before the call begins; with ``ports`` only traffic to or from them is kept, so other
+    programs' calls on the same loopback interface stay out of the capture.
 
     ``--immediate-mode`` matters: with the kernel's block-buffered capture ring (TPACKET_V3)
     the packets of a partly filled block are lost when tcpdump is interrupted.
@@ -246,7 +270,9 @@ def tcpdump(
             "0",
             "-w",
             str(capture),
-            "udp or tcp",
+            "udp or tcp"
+            if not ports
+            else "(udp or tcp) and (" + " or ".join(f"port {p}" for p in ports) + ")",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -278,6 +304,7 @@ def run_call(
     caller_text: str = "Hello, this is the caller speaking on a recorded line.",
     callee_text: str = "Good morning, you have reached the callee, how can I help?",
     dtmf: tuple[tuple[float, str], ...] = (),
+    caller_tones: tuple[tuple[float, str], ...] = (),
     bye_by: str = "caller",
     reject: int | None = None,
     cancel: bool = False,
@@ -293,6 +320,9 @@ def run_call(
     With ``uac_netns``/``uas_netns`` each peer runs inside that network namespace (the
     test's own) on the address given, and tcpdump runs in the callee's namespace;
     ``capture_on=None`` skips tcpdump (the recorder under test is then the only capture).
+
+    ``dtmf`` keys go out as RFC 4733 events; ``caller_tones`` keys (seconds into the
+    caller's speech, digit) are keypad tones in its audio.
     """
     tmp.mkdir(parents=True, exist_ok=True)
     pt = "0" if codec == "PCMU" else "8"
@@ -304,7 +334,7 @@ def run_call(
         (tmp / "a").mkdir(exist_ok=True)
         (tmp / "b").mkdir(exist_ok=True)
         caller = write_rtp_pcap(
-            make_speech(caller_text, tmp / "a"),
+            with_key_tones(make_speech(caller_text, tmp / "a"), caller_tones),
             tmp / "caller.pcap",
             codec=codec,
             ssrc=0x0A11CE00,
@@ -363,7 +393,12 @@ def run_call(
         f"{int(timeout)}s",
         "-timeout_error",
     ]
-    sniffer = tcpdump(capture, capture_on, uas_netns) if capture_on else contextlib.nullcontext()
+    call_ports = (uas_port, uac_port, uas_media, uas_media + 1, uac_media, uac_media + 1)
+    sniffer = (
+        tcpdump(capture, capture_on, uas_netns, ports=call_ports)
+        if capture_on
+        else contextlib.nullcontext()
+    )
     with sniffer:
         uas_proc = subprocess.Popen(
             [

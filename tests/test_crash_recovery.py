@@ -16,6 +16,7 @@ import json
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import wave
@@ -36,10 +37,11 @@ SEED = 20260423
 
 
 def _published(out: Path) -> dict[Path, str]:
+    """Recordings (the audit log grows with every one, and is checked by verify)."""
     return {
         p: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and ".spool" not in p.parts
+        if p.is_file() and ".spool" not in p.parts and p.name != "audit.jsonl"
     }
 
 
@@ -117,6 +119,14 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
         wav_path = Path(recovered["path"])
         assert set(after) - set(before) == {wav_path, wav_path.with_suffix(".json")}
         _assert_whole(out)
+        # the recovered recording is in the audit log like every other: the archive verifies
+        verify = subprocess.run(
+            [sys.executable, "-m", "callcap", "verify", str(out)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert verify.returncode == 0, verify.stdout
 
         doc = json.loads(wav_path.with_suffix(".json").read_text(encoding="utf-8"))
         assert doc["end_reason"] == "recovered"

@@ -40,8 +40,11 @@ def place(audio: npt.NDArray[np.float64], at: float, part: npt.NDArray[np.float6
     audio[i : i + len(part)] = part
 
 
-def events(call: Call, start: float, digits: list[tuple[float, str]]) -> None:
-    """RFC 4733 events from the callee (its own SSRC), 100 ms each, end packet three times."""
+def events(
+    call: Call, start: float, digits: list[tuple[float, str]], *, from_caller: bool = False
+) -> None:
+    """RFC 4733 events from the callee (or the caller), on their own SSRC, 100 ms each, the
+    end packet three times."""
     seq = 7000
     for at, digit in digits:
         ts = 80_000 + round(at * RATE)
@@ -51,20 +54,21 @@ def events(call: Call, start: float, digits: list[tuple[float, str]]) -> None:
             for _ in range(3 if end else 1):
                 call.rtp(
                     start + at + k * 0.02,
-                    from_caller=False,
+                    from_caller=from_caller,
                     seq=seq,
                     rtp_ts=ts,
                     payload=body,
                     pt=101,
-                    ssrc=0xE7E7E7E7,
+                    ssrc=0xD7D7D7D7 if from_caller else 0xE7E7E7E7,
                     marker=k == 0,
                 )
             seq += 1
 
 
 def record(tmp: Path, pcap: Path, config: str = "") -> tuple[dict[str, Any], npt.NDArray[np.int16]]:
-    """``callcap record`` on one call's capture (agent: the callee); its sidecar and audio."""
-    run_record(tmp, pcap, config=config or "pci: {agent_side: callee}\n")
+    """``callcap record`` on one call's capture (agent: the callee, keypad tones detected);
+    its sidecar and audio."""
+    run_record(tmp, pcap, config=config or "pci: {agent_side: callee}\ndtmf: {inband: true}\n")
     return one_call(tmp)
 
 

@@ -156,6 +156,13 @@ BAD: list[tuple[str, str, str, str]] = [
         "must be one of 'dtmf', 'sip_header', 'inband'",
     ),
     (
+        "unknown-dtmf-side",
+        "consent:\n  rules:\n    - name: a\n      mode: all_party\n      evidence: [dtmf]\n"
+        "      dtmf_side: agent   # <-\n",
+        "consent.rules[0].dtmf_side",
+        "must be one of 'caller', 'callee', got 'agent'",
+    ),
+    (
         "missing-rule-name",
         "retention:\n  rules:\n    - {keep: 5y}   # <-\n",
         "retention.rules[0].name",

@@ -206,3 +206,35 @@ def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Pa
     assert doc["warnings"][-1]["code"] == "recovered_from_spool"
     assert doc["audio"]["frames"] == 800
     np.testing.assert_array_equal(_read(recovered.wav.path), _frames(800, 5))
+
+
+def test_a_call_whose_consent_said_discard_is_recovered_without_audio(tmp_path: Path) -> None:
+    """Consent refused (or missing, to be discarded) before the crash: no audio afterwards."""
+    out = tmp_path / "out"
+    dead = 4_000_004
+    (out / ".spool").mkdir(parents=True)
+    writer = WavWriter(audio_path(out, UID, dead))
+    writer.write(_frames(800, 6))
+    writer.flush()
+    sidecar = _checkpoint_sidecar()
+    sidecar["consent"] = {
+        "mode": "all_party",
+        "rule": "eu-callers",
+        "status": "refused",
+        "evidence": {"method": "dtmf", "digit": "2", "side": "caller", "at_s": 3.2},
+        "action": "discarded",
+    }
+    save_facts(
+        facts_path(out, UID, dead),
+        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == [] and recovered.wav is None
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    validate_sidecar(doc)
+    assert doc["audio"] is None and doc["end_reason"] == "recovered"
+    assert doc["consent"]["action"] == "discarded"
+    assert not list(out.rglob("*.wav")) and not list(out.rglob("*.part"))
+    assert not [p for p in (out / ".spool").rglob("*") if p.is_file()]
