@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 import struct
+import threading
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,9 @@ class Pipeline:
         self._flows: dict[bytes, _FastFlow] = {}
         self._queued: list[_FastFlow] = []  # flows with frames waiting in the fast lane
         self._spool_sync = SpoolSync()
+        self._tickets = 0  # publications submitted
+        self._next_commit = 0  # the ticket whose turn it is to commit
+        self._turn = threading.Condition()
         self._publisher: BackgroundPublisher[Publication, tuple[Published, str | None]] = (
             BackgroundPublisher()
         )
@@ -709,7 +713,9 @@ class Pipeline:
         )
         if publication.writer is None and not publication.write_sidecar:
             return  # nothing to publish (a failed call)
-        self._publisher.submit(publication, lambda: self._publish(publication))
+        ticket = self._tickets
+        self._tickets += 1
+        self._publisher.submit(publication, lambda: self._publish(publication, ticket))
         self._published(self._publisher.completed())
 
     def _audit_for(self, out_dir: Path) -> AuditLog:
@@ -723,22 +729,45 @@ class Pipeline:
             dir_mode=self.config.recording.dir_mode,
         )
 
-    def _publish(self, publication: Publication) -> tuple[Published, str | None]:
-        """On a publisher thread: publish, and log it to the audit log under the archive lock,
-        so no sweep or erasure can act on a sidecar whose publication is not logged yet.
-        Without the lock the audio is still published (losing a call over a log line would
-        be worse); the second value is then what went wrong with the audit log."""
-        with contextlib.ExitStack() as stack:
+    def _publish(self, publication: Publication, ticket: int) -> tuple[Published, str | None]:
+        """On a publisher thread: seal the files (beside other publications), then, in the
+        order the calls ended, put them in place and log them to the audit log under the
+        archive lock, so no sweep, erasure or verify ever sees a recording whose publication
+        is not logged yet.  Without the lock the audio is still published (losing a call over
+        a log line would be worse); the second value is then what went wrong with the log."""
+        staging_failed: BaseException | None = None
+        try:
+            publication.stage()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after our turn
+            staging_failed = exc
+        with self._commit_turn(ticket), contextlib.ExitStack() as stack:
+            if staging_failed is not None:
+                raise staging_failed
             audit: AuditWriter | None = None
             problem: str | None = None
             try:
                 audit = stack.enter_context(self._audit_for(publication.out_dir).locked())
             except (OSError, CallcapError) as exc:
                 problem = str(exc)[:500]
-            published = publication.publish()
+            published = publication.commit()
             if audit is not None:
                 problem = self._audit_published(audit, published)
             return published, problem
+
+    @contextlib.contextmanager
+    def _commit_turn(self, ticket: int) -> Iterator[None]:
+        """Publications commit one at a time in ticket (call-end) order, whatever order
+        their staging finished in; a failed one still passes the turn on."""
+        turn = self._turn
+        with turn:
+            while self._next_commit != ticket:
+                turn.wait()
+        try:
+            yield
+        finally:
+            with turn:
+                self._next_commit += 1
+                turn.notify_all()
 
     def _failed(self, call_uid: str, exc: Exception) -> None:
         self.log.error(

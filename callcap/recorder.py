@@ -34,14 +34,18 @@ from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config
 from callcap.consent import ConsentDecision, ConsentTracker
+from callcap.errors import StorageError
 from callcap.policy import call_facts, retention_fields
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
     PublishedFile,
-    publish_file,
+    StagedJson,
+    fsync_dir,
+    place_file,
     release_stem,
     reserve_stem,
-    write_json_atomic,
+    seal_file,
+    stage_json,
 )
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
 from callcap.storage.spool import CallFacts, audio_path, facts_path, remove_entry, save_facts
@@ -118,35 +122,65 @@ class Publication:
     dir_mode: int
     #: (output dir, writer pid) of a durable recorder's spool entry, forgotten once published
     spool_entry: tuple[Path, int] | None = None
+    _wav: PublishedFile | None = None
+    _sidecar: StagedJson | None = None
 
     def publish(self) -> Published:
         """Audio first, sidecar last (with the audio's hash); thread-safe, runs once."""
+        self.stage()
+        return self.commit()
+
+    def stage(self) -> None:
+        """The slow half, safe to run beside other publications: close and seal the audio
+        (fsync, hash) and write the sidecar beside its final name.  Nothing is visible in
+        the archive yet."""
         try:
-            wav: PublishedFile | None = None
             if self.writer is not None:
                 self.writer.close()  # libsndfile's close fsyncs: off the packet path
                 self.doc["audio"]["format"] = self.writer.format
-                wav = publish_file(
-                    self.writer.path,
-                    self.stem.with_suffix(".wav"),
-                    file_mode=self.file_mode,
-                    dir_mode=self.dir_mode,
-                )
-                self.doc["audio"]["sha256"] = wav.sha256
-                self.doc["audio"]["bytes"] = wav.size
-            sidecar: Path | None = None
-            sidecar_sha256: str | None = None
+                size, digest = seal_file(self.writer.path, file_mode=self.file_mode)
+                self.doc["audio"]["sha256"] = digest
+                self.doc["audio"]["bytes"] = size
+                self._wav = PublishedFile(self.stem.with_suffix(".wav"), size, digest)
             if self.write_sidecar:
-                written = write_json_atomic(
+                self._sidecar = stage_json(
                     self.stem.with_suffix(".json"),
                     self.doc,
                     file_mode=self.file_mode,
                     dir_mode=self.dir_mode,
                 )
-                sidecar, sidecar_sha256 = written.path, written.sha256
+        except BaseException:
+            release_stem(self.stem)
+            raise
+
+    def commit(self) -> Published:
+        """The quick half (the caller may hold the archive lock): the audio, then the
+        sidecar, renamed into place, and their directory made durable."""
+        try:
+            wav = self._wav
+            sidecar = self._sidecar
+            if wav is not None and self.writer is not None:
+                place_file(self.writer.path, wav.path, dir_mode=self.dir_mode)
+            if sidecar is not None:
+                sidecar.commit()
+            if wav is not None or sidecar is not None:
+                try:
+                    fsync_dir(self.stem.parent)
+                except OSError as exc:
+                    raise StorageError(f"cannot publish {self.stem}: {exc}") from exc
             if self.spool_entry is not None:
                 remove_entry(self.spool_entry[0], self.call_uid, self.spool_entry[1])
-            return Published(self.call_uid, sidecar, wav, self.doc, sidecar_sha256)
+            return Published(
+                self.call_uid,
+                sidecar.final if sidecar is not None else None,
+                wav,
+                self.doc,
+                sidecar.sha256 if sidecar is not None else None,
+            )
+        except BaseException:
+            if self._sidecar is not None:
+                self._sidecar.discard()
+            raise
         finally:
             release_stem(self.stem)
 

@@ -61,6 +61,33 @@ def _hash(path: Path) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+def seal_file(part: Path, *, file_mode: int = 0o640) -> tuple[int, str]:
+    """Make ``part`` durable and give it its final mode; its size and SHA-256.
+
+    The slow half of publishing (an fsync and a read of the whole file), which needs no
+    lock: the part is still in the spool, where no reader looks.
+    """
+    try:
+        _fsync_path(part)
+        size, digest = _hash(part)
+        os.chmod(part, file_mode)
+    except OSError as exc:
+        raise StorageError(f"cannot publish {part}: {exc.strerror or exc}") from exc
+    return size, digest
+
+
+def place_file(part: Path, final: Path, *, dir_mode: int = 0o750) -> None:
+    """Rename a sealed ``part`` to ``final`` (which must not exist); the caller fsyncs the
+    directory (:func:`fsync_dir`) once the names it places there are all in."""
+    try:
+        ensure_dir(final.parent, dir_mode)
+        if final.exists():
+            raise StorageError(f"{final} already exists; refusing to overwrite a published file")
+        os.replace(part, final)
+    except OSError as exc:
+        raise StorageError(f"cannot publish {final}: {exc.strerror or exc}") from exc
+
+
 def publish_file(
     part: Path, final: Path, *, file_mode: int = 0o640, dir_mode: int = 0o750
 ) -> PublishedFile:
@@ -72,33 +99,42 @@ def publish_file(
     not atomic with the rename; unique names are the caller's job (the recorder adds a
     suffix), this only stops a silent overwrite of a published recording.
     """
+    size, digest = seal_file(part, file_mode=file_mode)
+    place_file(part, final, dir_mode=dir_mode)
     try:
-        _fsync_path(part)
-        size, digest = _hash(part)
-        os.chmod(part, file_mode)
-        ensure_dir(final.parent, dir_mode)
-        if final.exists():
-            raise StorageError(f"{final} already exists; refusing to overwrite a published file")
-        os.replace(part, final)
-        _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+        fsync_dir(final.parent)
     except OSError as exc:
         raise StorageError(f"cannot publish {final}: {exc.strerror or exc}") from exc
     return PublishedFile(final, size, digest)
 
 
-def write_json_atomic(
-    final: Path,
-    obj: object,
-    *,
-    file_mode: int = 0o640,
-    dir_mode: int = 0o750,
-    sync: bool = True,
-) -> PublishedFile:
-    """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory.
+@dataclass(frozen=True, slots=True)
+class StagedJson:
+    """A JSON document written and fsynced beside its final name, not yet renamed to it."""
 
-    ``sync=False`` skips the fsyncs: the replacement is still atomic for readers and across a
-    process crash, and becomes durable with the next sync of the filesystem (the spool's
-    checkpoints, made durable all at once by :class:`~callcap.storage.spool.SpoolSync`)."""
+    tmp: Path
+    final: Path
+    size: int
+    sha256: str
+
+    def commit(self) -> PublishedFile:
+        """Rename into place (the caller fsyncs the directory)."""
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            self.discard()
+            raise StorageError(f"cannot write {self.final}: {exc.strerror or exc}") from exc
+        return PublishedFile(self.final, self.size, self.sha256)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def stage_json(
+    final: Path, obj: object, *, file_mode: int = 0o640, dir_mode: int = 0o750, sync: bool = True
+) -> StagedJson:
+    """Write ``obj`` as UTF-8 JSON to a hidden temporary file beside ``final``."""
     try:
         data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     except (TypeError, ValueError) as exc:  # not JSON-able, or a lone surrogate left in text
@@ -118,14 +154,34 @@ def write_json_atomic(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, final)
-        if sync:
-            _fsync_path(final.parent, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
-    return PublishedFile(final, len(data), hashlib.sha256(data).hexdigest())
+    return StagedJson(tmp, final, len(data), hashlib.sha256(data).hexdigest())
+
+
+def write_json_atomic(
+    final: Path,
+    obj: object,
+    *,
+    file_mode: int = 0o640,
+    dir_mode: int = 0o750,
+    sync: bool = True,
+) -> PublishedFile:
+    """Write ``obj`` as UTF-8 JSON to ``final`` through a temporary file in the same directory.
+
+    ``sync=False`` skips the fsyncs: the replacement is still atomic for readers and across a
+    process crash, and becomes durable with the next sync of the filesystem (the spool's
+    checkpoints, made durable all at once by :class:`~callcap.storage.spool.SpoolSync`)."""
+    staged = stage_json(final, obj, file_mode=file_mode, dir_mode=dir_mode, sync=sync)
+    published = staged.commit()
+    if sync:
+        try:
+            fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
+    return published
 
 
 def reserve_stem(stem: Path, suffixes: tuple[str, ...] = (".wav", ".json")) -> Path:
@@ -157,12 +213,13 @@ class BackgroundPublisher(Generic[K, T]):
     waits; here they overlap with packet processing and with each other (fsync and hashing
     release the GIL).  Outcomes come back in submission order, each with the ``tag`` it was
     submitted with, on the caller's thread, so logging and callbacks stay single-threaded.
-    With one worker (the default) the jobs also *run* in submission order, so the audit
-    log lists recordings in the order their calls ended.
+    Jobs start in submission order; a job that must also *finish* in order waits for its
+    turn itself (the pipeline's publications do, so the audit log lists recordings in the
+    order their calls ended).
     At most ``max_pending`` jobs are in flight; ``submit`` waits for the oldest beyond that.
     """
 
-    def __init__(self, workers: int = 1, max_pending: int = 256) -> None:
+    def __init__(self, workers: int = 2, max_pending: int = 256) -> None:
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None  # started by the first job
         self._pending: deque[tuple[K, Future[T]]] = deque()

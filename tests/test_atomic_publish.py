@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -214,3 +215,32 @@ def test_reserved_stems_are_unique_until_released(tmp_path: Path) -> None:
     assert reserve_stem(stem) == first
     release_stem(first)
     release_stem(second)
+
+
+def test_publications_commit_in_call_end_order_whatever_order_they_staged_in(
+    tmp_path: Path,
+) -> None:
+    import structlog
+
+    from callcap.config.loader import load_config
+    from callcap.pipeline import Pipeline
+
+    pipeline = Pipeline(load_config(None), tmp_path, structlog.get_logger("test"))
+    order: list[int] = []
+
+    def commit(ticket: int, delay: float) -> None:
+        threading.Event().wait(delay)  # staging that takes this long
+        with contextlib.suppress(StorageError), pipeline._commit_turn(ticket):
+            order.append(ticket)
+            if ticket == 1:
+                raise StorageError("a failed publication still passes the turn on")
+
+    threads = [
+        threading.Thread(target=commit, args=(ticket, delay))
+        for ticket, delay in ((2, 0.0), (1, 0.05), (0, 0.2))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 2]
