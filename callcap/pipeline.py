@@ -45,6 +45,7 @@ from callcap.logs import RateLimitedDrops
 from callcap.recorder import CallRecorder, Publication, Published
 from callcap.storage.audit import (
     CONSENT_DECIDED,
+    PAUSE,
     RECORDING_DISCARDED,
     RECORDING_PUBLISHED,
     AuditLog,
@@ -831,6 +832,17 @@ class Pipeline:
                         "status": consent["status"],
                         "method": evidence["method"] if evidence is not None else None,
                         "action": consent["action"],
+                    },
+                )
+            for pause in doc.get("pauses") or ():
+                # PCI pauses: when the recording was silenced and what asked for it
+                log.append(
+                    PAUSE,
+                    {
+                        "call_uid": published.call_uid,
+                        "from_s": pause["from_s"],
+                        "to_s": pause["to_s"],
+                        "by": pause["by"],
                     },
                 )
             log.append(

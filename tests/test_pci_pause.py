@@ -3,6 +3,7 @@ digital silence in both channels to the sample, and the audio around it is untou
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,15 @@ def test_card_digits_keyed_while_paused_are_in_no_file(tmp_path: Path) -> None:
     assert tones_in(audio[:, 0]) == ""
     out = tmp_path / "out"
     assert not list((out / ".spool").iterdir())
+    # the audit log records the pause (with the same span) before the recording itself
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in audit] == ["pause", "recording_published"]
+    assert audit[0]["fields"] == {
+        "call_uid": doc["call_uid"],
+        "from_s": pause["from_s"],
+        "to_s": pause["to_s"],
+        "by": "dtmf",
+    }
     for path in out.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
