@@ -20,6 +20,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from netns_harness import netns_exec
+
+#: Events every recorded call's life leaves in the daemon's log, from start to shutdown.
+LIFECYCLE_EVENTS = (
+    "daemon_started",
+    "capture_started",
+    "call_started",
+    "call_answered",
+    "call_ended",
+    "recording_written",
+    "daemon_stopping",
+)
+
 
 class RunningDaemon:
     def __init__(
@@ -37,7 +50,7 @@ class RunningDaemon:
         self.notifications: list[tuple[float, str]] = []
         self.lines: list[str] = []
         self._stderr: list[str] = []
-        prefix = ["ip", "netns", "exec", netns] if netns else []
+        prefix = netns_exec(netns) if netns else []
         full_env = dict(os.environ, NOTIFY_SOCKET=str(self.notify_path), **(env or {}))
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "callcap", "daemon", *args],
@@ -131,4 +144,4 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["RunningDaemon", "write_config"]
+__all__ = ["LIFECYCLE_EVENTS", "RunningDaemon", "write_config"]

@@ -9,17 +9,12 @@ nothing else running on the machine shows up in the capture.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import soundfile
-from netns_harness import netns_exec
+from daemon_harness import LIFECYCLE_EVENTS, RunningDaemon
 from sipp_harness import best_lag, run_call
 
 from callcap.storage.sidecar import validate_sidecar
@@ -30,31 +25,11 @@ pytestmark = pytest.mark.e2e
 def test_live_call_on_loopback_is_recorded_and_sigterm_exits_cleanly(
     tmp_path: Path, netns: str
 ) -> None:
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify.sock"))
-    notify.settimeout(20)
     out = tmp_path / "out"
-    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    daemon = subprocess.Popen(
-        [
-            *netns_exec(netns),
-            sys.executable,
-            "-m",
-            "callcap",
-            "daemon",
-            "--interface",
-            "lo",
-            "--out",
-            str(out),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)], netns=netns)
     try:
-        ready = notify.recv(4096).decode()
-        assert "READY=1" in ready.splitlines()
+        ready = daemon.recv_notify(20)
+        assert ready is not None and "READY=1" in ready.splitlines()
         run = run_call(
             tmp_path / "call",
             codec="PCMU",
@@ -67,25 +42,12 @@ def test_live_call_on_loopback_is_recorded_and_sigterm_exits_cleanly(
         deadline = time.monotonic() + 20
         while not list(out.rglob("*.json")) and time.monotonic() < deadline:
             time.sleep(0.2)
-        daemon.send_signal(signal.SIGTERM)
-        stdout, stderr = daemon.communicate(timeout=30)
+        assert daemon.stop() == 0, daemon.stderr[-2000:]
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        notify.close()
-    assert daemon.returncode == 0, stderr[-2000:]
-    events = [json.loads(line) for line in stdout.splitlines()]
+        daemon.close()
+    events = daemon.events()
     names = [e["event"] for e in events]
-    for expected in (
-        "daemon_started",
-        "capture_started",
-        "call_started",
-        "call_answered",
-        "call_ended",
-        "recording_written",
-        "daemon_stopping",
-    ):
+    for expected in LIFECYCLE_EVENTS:
         assert expected in names
     assert all({"ts", "level", "event"} <= e.keys() for e in events)
     (sidecar,) = out.rglob("*.json")

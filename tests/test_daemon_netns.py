@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import soundfile
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import LIFECYCLE_EVENTS, RunningDaemon, write_config
 from netns_harness import NetnsPair
 from sipp_harness import CallRun, best_lag, run_call
 
@@ -95,16 +95,7 @@ def test_concurrent_calls_across_a_veth_link_are_recorded(
     events = [json.loads(line) for line in daemon.lines]  # every line is one JSON object
     assert all({"ts", "level", "event"} <= e.keys() for e in events)
     names = [e["event"] for e in events]
-    for expected in (
-        "daemon_started",
-        "capture_started",
-        "call_started",
-        "call_answered",
-        "call_ended",
-        "recording_written",
-        "capture_stats",
-        "daemon_stopping",
-    ):
+    for expected in (*LIFECYCLE_EVENTS, "capture_stats"):
         assert expected in names, expected
     (capture,) = [e for e in events if e["event"] == "capture_started"]
     assert capture["interfaces"] == [net.veth_b]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from daemon_harness import RunningDaemon
 from recorded_archive import audit_entries, callcap, record_calls
 
 pytestmark = pytest.mark.e2e
@@ -24,37 +21,20 @@ def test_the_daemon_deletes_expired_unheld_recordings_periodically(tmp_path: Pat
     expired = recorded["subject-1@10.20.0.1"]
     cfg = tmp_path / "daemon.yaml"
     cfg.write_text("retention:\n  sweep_interval_s: 0.5\n", encoding="utf-8")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "callcap",
-            "daemon",
-            "--interface",
-            "lo",
-            "--out",
-            str(out),
-            "--config",
-            str(cfg),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out), "--config", str(cfg)])
     try:
         deadline = time.monotonic() + 30
         while expired.sidecar.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         time.sleep(1.5)  # a few more sweeps: they must find nothing more to do
+        assert daemon.stop() == 0, daemon.stderr[-2000:]
     finally:
-        daemon.send_signal(signal.SIGTERM)  # a no-op if it already exited
-        stdout, stderr = daemon.communicate(timeout=30)
-    assert daemon.returncode == 0, stderr[-2000:]
+        daemon.close()
     assert not expired.sidecar.exists() and not expired.wav.exists()
     assert held.sidecar.exists() and held.wav.exists()
     finance = recorded["finance-1@10.20.0.1"]
     assert finance.sidecar.exists() and finance.wav.exists()
-    events = [json.loads(line) for line in stdout.splitlines()]
+    events = daemon.events()
     deleted = [e for e in events if e["event"] == "recording_deleted"]
     assert [e["call_uid"] for e in deleted] == [expired.call_uid]
     sweeps = [e for e in events if e["event"] == "retention_swept"]
