@@ -182,22 +182,26 @@ def test_entries_of_a_live_writer_are_left_alone(tmp_path: Path) -> None:
     assert json.loads(facts_path(out, UID, live).read_text())["call_uid"] == UID
 
 
-def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Path) -> None:
-    """A recording at the warning limit must not become unpublishable by recovery's own."""
-    out = tmp_path / "out"
-    dead = 4_000_003
+def _dead_writer_entry(out: Path, pid: int, seed: int, sidecar: dict[str, Any]) -> None:
+    """A spool entry as a recorder killed after a flush leaves it: 800 frames and its facts."""
     (out / ".spool").mkdir(parents=True)
-    writer = WavWriter(audio_path(out, UID, dead))
-    writer.write(_frames(800, 5))
+    writer = WavWriter(audio_path(out, UID, pid))
+    writer.write(_frames(800, seed))
     writer.flush()
-    sidecar = _checkpoint_sidecar()
-    sidecar["warnings"] = [{"code": f"w{i}", "detail": "x"} for i in range(100)]
     save_facts(
-        facts_path(out, UID, dead),
+        facts_path(out, UID, pid),
         CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
         file_mode=0o640,
         dir_mode=0o750,
     )
+
+
+def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Path) -> None:
+    """A recording at the warning limit must not become unpublishable by recovery's own."""
+    out = tmp_path / "out"
+    sidecar = _checkpoint_sidecar()
+    sidecar["warnings"] = [{"code": f"w{i}", "detail": "x"} for i in range(100)]
+    _dead_writer_entry(out, 4_000_003, 5, sidecar)
     (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
     assert damaged == []
     doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
@@ -211,11 +215,6 @@ def test_a_call_with_the_most_warnings_still_gets_the_recovered_one(tmp_path: Pa
 def test_a_call_whose_consent_said_discard_is_recovered_without_audio(tmp_path: Path) -> None:
     """Consent refused (or missing, to be discarded) before the crash: no audio afterwards."""
     out = tmp_path / "out"
-    dead = 4_000_004
-    (out / ".spool").mkdir(parents=True)
-    writer = WavWriter(audio_path(out, UID, dead))
-    writer.write(_frames(800, 6))
-    writer.flush()
     sidecar = _checkpoint_sidecar()
     sidecar["consent"] = {
         "mode": "all_party",
@@ -224,12 +223,7 @@ def test_a_call_whose_consent_said_discard_is_recovered_without_audio(tmp_path: 
         "evidence": {"method": "dtmf", "digit": "2", "side": "caller", "at_s": 3.2},
         "action": "discarded",
     }
-    save_facts(
-        facts_path(out, UID, dead),
-        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
-        file_mode=0o640,
-        dir_mode=0o750,
-    )
+    _dead_writer_entry(out, 4_000_004, 6, sidecar)
     (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
     assert damaged == [] and recovered.wav is None
     doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
