@@ -116,6 +116,14 @@ _RUN_ATTEMPTS = 4
 break and its rest tried again, up to this many times; then the rest goes packet by packet."""
 
 
+def _plain_rtp(b0: int, pt: int, end: int, ip_end: int, size: int) -> bool:
+    """Does an Ethernet/IPv4/UDP frame of ``size`` bytes carry plain RTP the fast lane can
+    take: version 2 with no padding, extension or CSRCs, a payload (the UDP length ``end``
+    bounded by the IP length ``ip_end``, bounded by the frame), and no RTCP payload type
+    (RFC 5761 multiplexing)?"""
+    return b0 == 0x80 and _RTP_PAYLOAD_AT < end <= ip_end <= size and not 72 <= pt <= 76
+
+
 def _break_of(run: _Run) -> int:
     """Index of the first frame of a turned-down run that does not continue the sequence
     (the stream's last packet, then each frame's predecessor); the whole run if none does."""
@@ -337,7 +345,7 @@ class Pipeline:
         ip_len, udp_len, b0, b1, _seq, _ts, ssrc = _RUN_HEADER_FIRST.unpack_from(frames[0], 16)
         end = 34 + udp_len
         pt = b1 & 0x7F
-        if not (b0 == 0x80 and _RTP_PAYLOAD_AT < end <= 14 + ip_len <= size) or 72 <= pt <= 76:
+        if not _plain_rtp(b0, pt, end, 14 + ip_len, size):
             return None  # not plain RTP (RTCP-mux, CSRCs, padding…): the general path decides
         ctx = flow.contexts.get(ssrc)
         if ctx is None:
@@ -403,11 +411,7 @@ class Pipeline:
         ip_end = 14 + ((frame[16] << 8) | frame[17])
         b0 = frame[42] if len(frame) > _RTP_PAYLOAD_AT else 0
         b1 = frame[43] if b0 else 0
-        if not (
-            b0 == 0x80
-            and _RTP_PAYLOAD_AT < end <= ip_end <= len(frame)
-            and not 72 <= (b1 & 0x7F) <= 76
-        ):
+        if not _plain_rtp(b0, b1 & 0x7F, end, ip_end, len(frame)):
             self.frames -= 1
             self.bytes -= len(frame)
             self.feed(ts, 1, frame)  # counts the frame again
