@@ -34,8 +34,13 @@ def _frames(count: int = 5) -> list[bytes]:
 
 
 def _read(path: Path) -> tuple[list[tuple[float, int, bytes]], CaptureReader]:
+    """The frames, read one by one; read as blocks they must be the same, cut or not."""
     with CaptureReader(path) as reader:
         out = list(reader)
+    with CaptureReader(path) as by_block:
+        blocks = [frame for block in by_block.blocks() for frame in block.frames()]
+    assert blocks == out
+    assert (by_block.packets, by_block.truncated) == (reader.packets, reader.truncated)
     return out, reader
 
 
@@ -294,6 +299,8 @@ def test_every_corpus_capture_reads_completely(corpus: Path, corpus_facts: dict[
     for name, facts in sorted(corpus_facts.items()):
         with CaptureReader(corpus / name) as reader:
             count = sum(1 for _ in reader)
+        with CaptureReader(corpus / name) as by_block:
+            assert sum(len(block) for block in by_block.blocks()) == count, name
         assert count == facts["capture"]["packets"], name
         assert reader.packets == count, name
         assert not reader.truncated, name
