@@ -44,17 +44,41 @@ ULAW_TO_PCM.setflags(write=False)
 ALAW_TO_PCM.setflags(write=False)
 
 
-def decode_ulaw(payload: bytes | bytearray | memoryview) -> Pcm:
-    """µ-law bytes → int16 samples (one table lookup for the whole payload).
+def _pair_table(table: Pcm) -> npt.NDArray[np.uint32]:
+    """Two samples per lookup: entry ``b0 | b1 << 8`` holds the samples of code ``b0`` then
+    code ``b1``, as a little-endian pair (the index is read little-endian, so this holds on
+    any host).  Half the lookups of the byte table for 256 KiB of table: decoding a second of
+    audio takes about 60 % of the time."""
+    index = np.arange(65536, dtype=np.int64)
+    pairs = np.empty((65536, 2), dtype="<i2")
+    pairs[:, 0] = table[index & 0xFF]
+    pairs[:, 1] = table[index >> 8]
+    return pairs.view("<u4").ravel()
 
-    ``take`` rather than fancy indexing: the same lookup, about twice as fast.
-    """
-    return ULAW_TO_PCM.take(np.frombuffer(payload, dtype=np.uint8))
+
+_ULAW_PAIRS = _pair_table(ULAW_TO_PCM)
+_ALAW_PAIRS = _pair_table(ALAW_TO_PCM)
+
+
+def _decode(
+    table: Pcm, pairs: npt.NDArray[np.uint32], payload: bytes | bytearray | memoryview
+) -> Pcm:
+    codes = np.frombuffer(payload, dtype=np.uint8)
+    if len(codes) < 64 or len(codes) & 1:
+        return table.take(codes)
+    out = pairs.take(codes.view("<u2")).view("<i2")
+    return out if out.dtype.isnative else out.astype(np.int16)
+
+
+def decode_ulaw(payload: bytes | bytearray | memoryview) -> Pcm:
+    """µ-law bytes → int16 samples: table lookups over the whole payload, two codes at a
+    time (``take`` rather than fancy indexing: the same lookup, about twice as fast)."""
+    return _decode(ULAW_TO_PCM, _ULAW_PAIRS, payload)
 
 
 def decode_alaw(payload: bytes | bytearray | memoryview) -> Pcm:
     """A-law bytes → int16 samples."""
-    return ALAW_TO_PCM.take(np.frombuffer(payload, dtype=np.uint8))
+    return _decode(ALAW_TO_PCM, _ALAW_PAIRS, payload)
 
 
 def _encoder(table: Pcm) -> Callable[[npt.ArrayLike], bytes]:

@@ -129,6 +129,25 @@ def test_tables_match_sox_on_rtp_payloads_dissected_by_tshark(tmp_path: Path) ->
     )
 
 
+@pytest.mark.parametrize(
+    ("decode", "reference"), [(decode_ulaw, _ulaw_reference), (decode_alaw, _alaw_reference)]
+)
+def test_every_pair_of_codes_decodes_as_the_two_codes_do(decode, reference) -> None:  # type: ignore[no-untyped-def]
+    """Long payloads are decoded two codes per lookup: all 65 536 pairs, in a payload long
+    enough to take that path, against the per-code formula; and odd or short lengths."""
+    per_code = np.array([reference(c) for c in range(256)], dtype=np.int16)
+    pairs = np.arange(65536, dtype="<u2").tobytes()  # every (first, second) code pair
+    expected = per_code[np.frombuffer(pairs, dtype=np.uint8)]
+    got = decode(pairs)
+    assert got.dtype == np.int16
+    assert np.array_equal(got, expected)
+    for n in (1, 63, 64, 65, 161):
+        assert np.array_equal(decode(pairs[:n]), expected[:n]), n
+    assert np.array_equal(
+        decode(np.frombuffer(pairs[:320], dtype=np.uint8).reshape(2, 160)), expected[:320]
+    )
+
+
 def test_decoders_are_looked_up_by_sdp_encoding_name() -> None:
     assert set(DECODERS) == {"PCMU", "PCMA"}
     assert DECODERS["PCMU"] is decode_ulaw
