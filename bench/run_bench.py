@@ -220,6 +220,9 @@ def run_tools(
         for _ in range(repeat):
             if tool == "callcap":
                 shutil.rmtree(work / "callcap-out", ignore_errors=True)
+            # Each run starts with nothing waiting to be written back: otherwise a run pays
+            # for the disk writes of the one before it (callcap's recordings, tshark's output).
+            os.sync()
             runs.append(measure(tool, argv, stdout, packets, work))
             if runs[-1].status != "ok":
                 break

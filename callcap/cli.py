@@ -8,6 +8,8 @@ still processed, and the error is one line on stderr naming the file).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import itertools
 import json
 import os
 import sys
@@ -26,6 +28,30 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2
+
+_M_TRIM_THRESHOLD = -1  # glibc mallopt(3) parameters
+_M_MMAP_THRESHOLD = -3
+
+
+def _keep_freed_memory() -> bool:
+    """Let glibc's allocator keep freed blocks of up to 32 MiB for reuse (True if it could).
+
+    Once a second the pipeline builds arrays of a few MiB per operation — every call's
+    payloads, decoded audio, header fields — and drops them.  By default glibc serves blocks
+    that size with ``mmap`` and gives them back at once, so every second starts with tens of
+    thousands of page faults on fresh zeroed pages: a third of a busy recorder's system time
+    (bench/README.md).  With the thresholds raised they come from the heap and are reused;
+    peak memory barely moves, since the same arrays are needed either way.  Elsewhere than
+    glibc this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
         return _schema()
+    if args.command in ("record", "daemon"):
+        _keep_freed_memory()
     if args.command == "record":
         return _record(args)
     if args.command == "daemon":
@@ -207,15 +235,14 @@ def _record(args: argparse.Namespace) -> int:
         log.info("capture_opened", file=name, format=reader.format)
         try:
             with reader:
-                frames = iter(reader)
-                for ts, linktype, frame in frames:
-                    if ts < pipeline.now - 1.0:
+                blocks = reader.blocks()
+                for block in blocks:
+                    if len(block) and block.times[0] < pipeline.now - 1.0:
                         # An older file after a newer one: unrelated captures, not a rotation.
                         pipeline.close("capture_end")
                         pipeline.restart_clock()
-                    pipeline.feed(ts, linktype, frame)
+                    pipeline.run_blocks(itertools.chain([block], blocks))
                     break
-                pipeline.run(frames)
         except CaptureError as exc:
             _error(f"cannot read capture {exc}")
             log.error("capture_unreadable", file=name, error=str(exc), packets=reader.packets)

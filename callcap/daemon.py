@@ -238,7 +238,7 @@ class Daemon:
             log.info("capture_started", pcap=path)
             self.notifier.ready("replaying")
             try:
-                pipeline.run(itertools.takewhile(lambda _frame: not self._stop, reader))
+                pipeline.run_blocks(itertools.takewhile(lambda _b: not self._stop, reader.blocks()))
             except CaptureError as exc:
                 log.error("capture_failed", error=str(exc))
         if self._stop:

@@ -1,9 +1,12 @@
 """The pipeline: frames in, recordings out.  The only place where capture, codecs and storage meet.
 
-``feed`` is the hot path, called once per captured frame, for offline files and live sockets
-alike.  Everything time-driven (flushing audio blocks, call inactivity, fragment and TCP state
-expiry) runs from ``tick`` once per flush interval of *capture* time, so a pcap replays exactly
-as it was captured, whatever the speed of the machine reading it.
+``feed`` takes one captured frame through every layer; it is the reference for what any frame
+means.  Offline files and live sockets come in as blocks of frames (``run_blocks``), where
+the RTP of flows ``feed`` has already tied to a call takes the fast lane
+(:mod:`callcap.fastlane`) — the same result, a block at a time, bit for bit.  Everything
+time-driven (flushing audio blocks, call inactivity, fragment and TCP state expiry) runs from
+``tick`` once per flush interval of *capture* time, so a pcap replays exactly as it was
+captured, whatever the speed of the machine reading it.
 
 A bad frame or message costs one counted, rate-limited ``packet_dropped`` event and nothing
 else: errors never cross from one packet, or one call, into another.
@@ -11,18 +14,14 @@ else: errors never cross from one packet, or one call, into another.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import struct
-import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from callcap.capture.block import FrameBlock, batched
 from callcap.capture.decode import Datagram, PacketDecoder
 from callcap.capture.dialog import (
     CallAnswered,
@@ -36,118 +35,22 @@ from callcap.capture.dialog import (
 from callcap.capture.media import MediaRouter, ip_text, pack_ip
 from callcap.capture.rtp import parse_rtp
 from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
-from callcap.capture.stream import place_runs
 from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
 from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError
+from callcap.fastlane import FastLane
 from callcap.logs import RateLimitedDrops
+from callcap.publishing import Outcome, Publisher
 from callcap.recorder import CallRecorder, Publication, Published
 from callcap.storage.audit import (
-    CONSENT_DECIDED,
-    PAUSE,
-    RECORDING_DISCARDED,
-    RECORDING_PUBLISHED,
     AuditLog,
-    AuditWriter,
-    FileRef,
 )
 from callcap.storage.layout import spool_dir
-from callcap.storage.publish import BackgroundPublisher
 from callcap.storage.spool import SpoolSync
 
 UDP = 17
 TCP = 6
-
-_RTP_FIXED = struct.Struct("!HII")  # sequence, timestamp, SSRC (RFC 3550 §5.1)
-_FAST_ETH_IP4 = b"\x08\x00\x45"  # Ethernet type IPv4, then version 4 with a 20-byte header
-
-
-class _FastFlow:
-    """A UDP flow already known to carry one call's RTP: Ethernet/IPv4 frames of it skip the
-    general decoders.  Built by the general path on the first packet, dropped whenever
-    media routes change, so it can never disagree with the router.
-
-    Frames of the flow wait in ``frames``/``arrivals`` (at most one tick of capture time, or
-    :data:`_MAX_RUN` frames) and are then decoded and placed as one run with numpy.
-    """
-
-    __slots__ = (
-        "arrivals",
-        "contexts",
-        "dport",
-        "dst",
-        "frames",
-        "recorder",
-        "sender",
-        "sport",
-        "src",
-    )
-
-    def __init__(self, recorder: CallRecorder, sender: str, dg: Datagram) -> None:
-        self.recorder = recorder
-        self.sender = sender
-        self.src = dg.src
-        self.sport = dg.sport
-        self.dst = dg.dst
-        self.dport = dg.dport
-        self.contexts: dict[int, Any] = {}
-        self.frames: list[bytes] = []
-        self.arrivals: list[float] = []
-
-
-@dataclass(slots=True)
-class _Run:
-    """A fast-lane flow's queue, about to be placed as one run of one stream."""
-
-    flow: _FastFlow
-    arrivals: list[float]
-    frames: list[bytes]
-    ctx: Any
-    pt: int
-    end: int  # payload end offset in each frame
-    decoder: Any
-
-
-_MAX_RUN = 512
-
-_RUN_ATTEMPTS = 4
-"""Rounds of run placement per drain: a run broken by loss or reordering is split at the
-break and its rest tried again, up to this many times; then the rest goes packet by packet."""
-
-
-def _plain_rtp(b0: int, pt: int, end: int, ip_end: int, size: int) -> bool:
-    """Does an Ethernet/IPv4/UDP frame of ``size`` bytes carry plain RTP the fast lane can
-    take: version 2 with no padding, extension or CSRCs, a payload (the UDP length ``end``
-    bounded by the IP length ``ip_end``, bounded by the frame), and no RTCP payload type
-    (RFC 5761 multiplexing)?"""
-    return b0 == 0x80 and _RTP_PAYLOAD_AT < end <= ip_end <= size and not 72 <= pt <= 76
-
-
-def _break_of(run: _Run) -> int:
-    """Index of the first frame of a turned-down run that does not continue the sequence
-    (the stream's last packet, then each frame's predecessor); the whole run if none does."""
-    expected = run.ctx.stream.next_seq
-    for i, frame in enumerate(run.frames):
-        seq = (frame[44] << 8) | frame[45]
-        if seq != expected:
-            return i
-        expected = (seq + 1) & 0xFFFF
-    return len(run.frames)
-
-
-"""Frames a fast-lane flow queues before they are processed (bounds the memory of a flow
-whose capture clock stalls, so that no tick comes)."""
-
-# A run of equal-length Ethernet/IPv4(20 bytes)/UDP/RTP(12 bytes) frames of one flow: the
-# bytes that must not change along it (IP total length, UDP length, RTP version/flags, SSRC),
-# the first frame's fields, and the sequence number and timestamp read in place.
-_RUN_FIXED_BYTES = np.array([16, 17, 38, 39, 42, 50, 51, 52, 53])
-_RUN_HEADER_FIRST = struct.Struct("!H20xHxxBBHII")  # from frame byte 16
-_RUN_HEADER = np.dtype(
-    {"names": ["seq", "ts"], "formats": [">u2", ">u4"], "offsets": [2, 4], "itemsize": 12}
-)
-_RTP_PAYLOAD_AT = 54  # 14 Ethernet + 20 IPv4 + 8 UDP + 12 RTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,15 +96,10 @@ class Pipeline:
         self.drops = RateLimitedDrops(logger, interval_s=config.logging.drop_log_interval_s)
         self.counters: Counter[str] = Counter()
         self._framers: dict[tuple[bytes, int, bytes, int], SipStreamFramer] = {}
-        self._flows: dict[bytes, _FastFlow] = {}
-        self._queued: list[_FastFlow] = []  # flows with frames waiting in the fast lane
+        self.lane = FastLane(self)
+        self._ending: list[tuple[CallRecorder, CallEnded]] = []  # ended, lane not drained yet
         self._spool_sync = SpoolSync()
-        self._tickets = 0  # publications submitted
-        self._next_commit = 0  # the ticket whose turn it is to commit
-        self._turn = threading.Condition()
-        self._publisher: BackgroundPublisher[Publication, tuple[Published, str | None]] = (
-            BackgroundPublisher()
-        )
+        self._publisher = Publisher(self._audit_for)
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
         self._interval = config.rtp.flush_interval_ms / 1000.0
@@ -218,216 +116,26 @@ class Pipeline:
     # -- the hot path -----------------------------------------------------------------------------
 
     def run(self, frames: Iterable[tuple[float, int, bytes]]) -> None:
-        """Feed many frames: the same as ``feed`` for each, with a fast lane for known RTP.
+        """Feed many frames: the same as ``feed`` for each, with the fast lane for known RTP
+        (frames are batched into blocks; see :meth:`run_blocks`)."""
+        self.run_blocks(batched(frames))
 
-        An Ethernet/IPv4/UDP frame (no IP options, not a fragment) whose addresses and ports
-        are a flow the general path has already tied to a call is only queued on that flow
-        (one slice as the dictionary key); the flow's queue is placed as a whole run before
-        anything that could depend on it: a tick, a general-path packet of the same flow, a
-        change of routes, the end of the call, and the end of ``run``.
-        """
-        flows = self._flows
-        queued = self._queued
-        feed = self.feed
-        now = self.now
-        next_tick = self._next_tick
+    def run_blocks(self, blocks: Iterable[FrameBlock]) -> None:
+        """Feed blocks of frames: the same as ``feed`` for every frame, in order, except that
+        the RTP of flows the general path already tied to a call takes the fast lane
+        (:mod:`callcap.fastlane`); everything it queued is placed before this returns."""
+        lane = self.lane
         try:
-            for ts, linktype, frame in frames:
-                if linktype == 1 and ts < next_tick:
-                    flow = flows.get(frame[26:38])
-                    if (
-                        flow is not None
-                        and frame[12:15] == _FAST_ETH_IP4
-                        and frame[23] == UDP
-                        and not (frame[20] & 0x3F or frame[21])
-                    ):
-                        if ts > now:
-                            now = ts
-                        batch = flow.frames
-                        if not batch:
-                            queued.append(flow)
-                        batch.append(frame)
-                        flow.arrivals.append(ts)
-                        if len(batch) >= _MAX_RUN:
-                            self._drain(flow)
-                        continue
-                self.now = now
-                feed(ts, linktype, frame)
-                now = self.now
-                next_tick = self._next_tick
+            for block in blocks:
+                lane.run_block(block)
         finally:
-            if now > self.now:
-                self.now = now
             self._drain_all()
 
     def _drain_all(self) -> None:
-        queued = self._queued  # the very list ``run`` appends to
-        if queued:
-            flows = queued[:]
-            queued.clear()
-            self._drain_flows(flows)
-
-    def _drain(self, flow: _FastFlow) -> None:
-        if flow.frames:
-            self._drain_flows([flow])
-
-    def _drain_flows(self, flows: list[_FastFlow]) -> None:
-        """Account, place and queue for writing every frame the fast lane holds for ``flows``.
-
-        Flows whose queue is a clean run of one stream (equal-size plain RTP frames, one
-        SSRC and payload type, audio of an anchored stream) are grouped by frame layout and
-        placed together by :func:`place_runs`; every other frame, and every run it turns
-        down, goes packet by packet.
-        """
-        groups: dict[tuple[int, int], list[_Run]] = {}
-        single: list[tuple[_FastFlow, list[float], list[bytes]]] = []
-        seen: set[int] = set()
-        for flow in flows:
-            frames = flow.frames
-            if not frames or id(flow) in seen:
-                continue
-            seen.add(id(flow))
-            arrivals = flow.arrivals
-            flow.frames = []
-            flow.arrivals = []
-            self.frames += len(frames)
-            self.bytes += sum(map(len, frames))
-            run = self._run_of(flow, arrivals, frames)
-            if run is None:
-                single.append((flow, arrivals, frames))
-            else:
-                groups.setdefault((len(frames[0]), run.end), []).append(run)
-        for flow, arrivals, frames in single:
-            for ts, frame in zip(arrivals, frames, strict=True):
-                self._fast_frame(flow, ts, frame)
-        for attempt in range(_RUN_ATTEMPTS):
-            retry: dict[tuple[int, int], list[_Run]] = {}
-            for (size, end), runs in groups.items():
-                try:
-                    rejected = self._place_group(size, end, runs)
-                except Exception as exc:  # noqa: BLE001 - isolate, then go packet by packet
-                    self._internal_error(runs[0].arrivals[-1], exc)
-                    rejected = runs
-                for run in rejected:
-                    # Up to the first packet that does not continue the sequence (loss,
-                    # reordering, a duplicate) packet by packet; the rest is tried again.
-                    cut = len(run.frames) if attempt == _RUN_ATTEMPTS - 1 else _break_of(run)
-                    for ts, frame in zip(
-                        run.arrivals[: cut + 1], run.frames[: cut + 1], strict=False
-                    ):
-                        self._fast_frame(run.flow, ts, frame)
-                    if cut + 2 < len(run.frames):
-                        rest = _Run(
-                            run.flow,
-                            run.arrivals[cut + 1 :],
-                            run.frames[cut + 1 :],
-                            run.ctx,
-                            run.pt,
-                            run.end,
-                            run.decoder,
-                        )
-                        retry.setdefault((size, end), []).append(rest)
-                    else:
-                        for ts, frame in zip(
-                            run.arrivals[cut + 1 :], run.frames[cut + 1 :], strict=True
-                        ):
-                            self._fast_frame(run.flow, ts, frame)
-            if not retry:
-                break
-            groups = retry
-
-    def _run_of(self, flow: _FastFlow, arrivals: list[float], frames: list[bytes]) -> _Run | None:
-        """What a flow's queue would be as one run, judged on its first frame; None if it
-        cannot be one (the rest is checked over the whole group in ``_place_group``)."""
-        size = len(frames[0])
-        if size <= _RTP_PAYLOAD_AT or len(set(map(len, frames))) != 1:
-            return None
-        ip_len, udp_len, b0, b1, _seq, _ts, ssrc = _RUN_HEADER_FIRST.unpack_from(frames[0], 16)
-        end = 34 + udp_len
-        pt = b1 & 0x7F
-        if not _plain_rtp(b0, pt, end, 14 + ip_len, size):
-            return None  # not plain RTP (RTCP-mux, CSRCs, padding…): the general path decides
-        ctx = flow.contexts.get(ssrc)
-        if ctx is None:
-            return None  # a new stream starts packet by packet
-        decoder = flow.recorder.audio_decoder(ctx, pt)
-        if decoder is None:
-            return None
-        return _Run(flow, arrivals, frames, ctx, pt, end, decoder)
-
-    def _place_group(self, size: int, end: int, runs: list[_Run]) -> list[_Run]:
-        """Place runs of ``size``-byte frames with payload up to ``end``; the runs turned down."""
-        frames = [frame for run in runs for frame in run.frames]
-        arrivals = np.array([ts for run in runs for ts in run.arrivals], dtype=np.float64)
-        lengths = np.array([len(run.frames) for run in runs], dtype=np.int64)
-        starts = np.zeros(len(runs), dtype=np.int64)
-        np.cumsum(lengths[:-1], out=starts[1:])
-        data = b"".join(frames)
-        rows = np.frombuffer(data, dtype=np.uint8).reshape(len(frames), size)
-        sid = np.repeat(np.arange(len(runs)), lengths)
-        # IP and UDP lengths, RTP flags and SSRC as in the run's first frame; one payload type
-        fixed = rows[:, _RUN_FIXED_BYTES]
-        odd = (fixed != fixed[starts][sid]).any(axis=1)
-        odd |= (rows[:, 43] & 0x7F) != np.array([run.pt for run in runs], dtype=np.uint8)[sid]
-        usable = np.bincount(sid[odd], minlength=len(runs)) == 0
-        hdr = np.ndarray((len(frames),), dtype=_RUN_HEADER, buffer=data, offset=42, strides=(size,))
-        psize = end - _RTP_PAYLOAD_AT
-        placed = place_runs(
-            [run.ctx.stream for run in runs],
-            starts,
-            arrivals,
-            hdr["seq"].astype(np.uint16),
-            hdr["ts"].astype(np.uint32),
-            [run.pt for run in runs],
-            [psize] * len(runs),
-            usable,
-        )
-        payload = rows[:, _RTP_PAYLOAD_AT:end].tobytes()
-        rejected: list[_Run] = []
-        for run, positions, first in zip(runs, placed, starts.tolist(), strict=True):
-            if positions is None:
-                rejected.append(run)
-                continue
-            n = len(run.frames)
-            self.rtp_packets += n
-            self.counters["rtp_placed_in_runs"] += n
-            try:
-                run.flow.recorder.queue_run(
-                    run.ctx,
-                    positions,
-                    payload[first * psize : (first + n) * psize],
-                    psize,
-                    run.decoder,
-                    run.arrivals[-1],
-                )
-            except Exception as exc:  # noqa: BLE001 - one call's bug stays in that call
-                self._internal_error(run.arrivals[-1], exc)
-        return rejected
-
-    def _fast_frame(self, flow: _FastFlow, ts: float, frame: bytes) -> None:
-        """One queued frame: straight to its stream if it is plain RTP, else the general path."""
-        # the UDP length bounds the payload; the IP length bounds the UDP length
-        end = 34 + ((frame[38] << 8) | frame[39])
-        ip_end = 14 + ((frame[16] << 8) | frame[17])
-        b0 = frame[42] if len(frame) > _RTP_PAYLOAD_AT else 0
-        b1 = frame[43] if b0 else 0
-        if not _plain_rtp(b0, b1 & 0x7F, end, ip_end, len(frame)):
-            self.frames -= 1
-            self.bytes -= len(frame)
-            self.feed(ts, 1, frame)  # counts the frame again
-            return
-        seq, rts, ssrc = _RTP_FIXED.unpack_from(frame, 44)
-        ctx = flow.contexts.get(ssrc)
-        rec = flow.recorder
-        try:
-            if ctx is None:
-                ctx = flow.contexts[ssrc] = rec.stream_for(
-                    flow.sender, flow.src, flow.sport, flow.dst, flow.dport, ssrc, ts
-                )
-            self.rtp_packets += 1
-            rec.push(ctx, ts, b1 & 0x7F, seq, rts, frame[_RTP_PAYLOAD_AT:end])
-        except Exception as exc:  # noqa: BLE001 - as in feed: isolate one packet
-            self._internal_error(ts, exc)
+        """Place everything the fast lane holds, then publish the calls that waited for it."""
+        self.lane.drain_all()
+        if self._ending:
+            self._finish_ended()
 
     def feed(self, ts: float, linktype: int, frame: bytes) -> None:
         """One captured frame (link-layer bytes) at capture time ``ts``."""
@@ -458,9 +166,9 @@ class Pipeline:
         except ParseError as exc:
             self.drops.drop(exc.reason, ts, detail=str(exc)[:200])
         except Exception as exc:  # noqa: BLE001 - one packet's bug must not end every call
-            self._internal_error(ts, exc)
+            self.internal_error(ts, exc)
 
-    def _internal_error(self, ts: float, exc: Exception) -> None:
+    def internal_error(self, ts: float, exc: Exception) -> None:
         """A bug met on one packet: count it, log it (rate-limited) and carry on."""
         self.drops.drop("internal_error", ts, detail=f"{type(exc).__name__}: {exc}"[:300])
 
@@ -475,15 +183,17 @@ class Pipeline:
             return
         pt, _marker, seq, rts, ssrc, _cc, body = parse_rtp(payload)
         key = None
+        lane = self.lane
         if len(dg.src) == 4:
             key = dg.src + dg.dst + dg.sport.to_bytes(2, "big") + dg.dport.to_bytes(2, "big")
-            flow = self._flows.get(key)
+            flow = lane.flows.get(key)
             if flow is not None:
-                self._drain(flow)  # its queued packets came first
+                lane.drain(flow)  # its queued packets came first
         self.rtp_packets += 1
-        recorder.on_rtp(ts, sender, dg.src, dg.sport, dg.dst, dg.dport, pt, seq, rts, ssrc, body)
-        if key is not None and len(self._flows) < 4 * self.config.calls.max_active_calls:
-            self._flows.setdefault(key, _FastFlow(recorder, sender, dg))
+        ctx = recorder.stream_for(sender, dg.src, dg.sport, dg.dst, dg.dport, ssrc, ts)
+        recorder.push(ctx, ts, pt, seq, rts, body)
+        if key is not None and len(lane.flows) < 4 * self.config.calls.max_active_calls:
+            lane.learn(key, recorder, sender, dg).contexts.setdefault(ssrc, ctx)
 
     # -- SIP --------------------------------------------------------------------------------------
 
@@ -663,9 +373,7 @@ class Pipeline:
         rec = self.recorders.get(call_id)
         if rec is None:
             return
-        for flow in list(self._flows.values()):
-            if flow.recorder is rec:
-                self._drain(flow)  # placed under the media description they arrived with
+        self.lane.drain_recorder(rec)  # placed under the media description they arrived with
         announced: set[tuple[bytes, int]] = set()
         for md in event.sdp.audio():
             rec.set_media(event.side, md)
@@ -678,7 +386,7 @@ class Pipeline:
         # Routes changed: forget the fast-lane flows they may affect (this call's, and any
         # other call's flow through an address this call now claims); they re-learn from
         # the router on their next packet.
-        self._forget_flows(
+        self.lane.forget(
             lambda flow: (
                 flow.recorder is rec
                 or (flow.src, flow.sport) in announced
@@ -687,21 +395,28 @@ class Pipeline:
         )
         self._checkpoint(rec, event.ts)
 
-    def _forget_flows(self, stale: Callable[[_FastFlow], bool]) -> None:
-        """Drop fast-lane flows in place (``run`` holds a reference to this very dict), after
-        placing the frames they hold."""
-        flows = self._flows
-        for key in [key for key, flow in flows.items() if stale(flow)]:
-            self._drain(flows.pop(key))
-
     def _end(self, event: CallEnded) -> None:
+        """A call ended: its media is no longer routed, and it is published once the fast
+        lane has placed what it still holds of it (at the next drain: calls ending together
+        then cost one drain, not one each).  Calls are finished in the order they ended."""
         call = event.call
         rec = self.recorders.pop(call.call_id, None)
-        if rec is not None:
-            self._forget_flows(lambda flow: flow.recorder is rec)
         self.router.forget_call(call.call_id)
         if rec is None:
             return
+        if self.lane.close_recorder(rec) or self._ending:
+            self._ending.append((rec, event))
+        else:
+            self._finish(rec, event)
+
+    def _finish_ended(self) -> None:
+        """Publish the calls that ended while the lane held frames of theirs (now placed)."""
+        ending, self._ending = self._ending, []
+        for rec, event in ending:
+            self._finish(rec, event)
+
+    def _finish(self, rec: CallRecorder, event: CallEnded) -> None:
+        call = event.call
         end = call.end if call.end is not None else event.ts
         try:
             publication = rec.prepare(end)
@@ -718,9 +433,7 @@ class Pipeline:
         )
         if publication.writer is None and not publication.write_sidecar:
             return  # nothing to publish (a failed call)
-        ticket = self._tickets
-        self._tickets += 1
-        self._publisher.submit(publication, lambda: self._publish(publication, ticket))
+        self._publisher.submit(publication)
         self._published(self._publisher.completed())
 
     def _audit_for(self, out_dir: Path) -> AuditLog:
@@ -734,59 +447,17 @@ class Pipeline:
             dir_mode=self.config.recording.dir_mode,
         )
 
-    def _publish(self, publication: Publication, ticket: int) -> tuple[Published, str | None]:
-        """On a publisher thread: seal the files (beside other publications), then, in the
-        order the calls ended, put them in place and log them to the audit log under the
-        archive lock, so no sweep, erasure or verify ever sees a recording whose publication
-        is not logged yet.  Without the lock the audio is still published (losing a call over
-        a log line would be worse); the second value is then what went wrong with the log."""
-        staging_failed: BaseException | None = None
-        try:
-            publication.stage()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after our turn
-            staging_failed = exc
-        with self._commit_turn(ticket), contextlib.ExitStack() as stack:
-            if staging_failed is not None:
-                raise staging_failed
-            audit: AuditWriter | None = None
-            problem: str | None = None
-            try:
-                audit = stack.enter_context(self._audit_for(publication.out_dir).locked())
-            except (OSError, CallcapError) as exc:
-                problem = str(exc)[:500]
-            published = publication.commit()
-            if audit is not None:
-                problem = self._audit_published(audit, published)
-            return published, problem
-
-    @contextlib.contextmanager
-    def _commit_turn(self, ticket: int) -> Iterator[None]:
-        """Publications commit one at a time in ticket (call-end) order, whatever order
-        their staging finished in; a failed one still passes the turn on."""
-        turn = self._turn
-        with turn:
-            while self._next_commit != ticket:
-                turn.wait()
-        try:
-            yield
-        finally:
-            with turn:
-                self._next_commit += 1
-                turn.notify_all()
-
     def _failed(self, call_uid: str, exc: Exception) -> None:
         self.log.error(
             "recording_failed", call_uid=call_uid, error=str(exc)[:500], exc_type=type(exc).__name__
         )
 
-    def _published(
-        self, outcomes: list[tuple[Publication, tuple[Published, str | None] | Exception]]
-    ) -> None:
+    def _published(self, outcomes: list[tuple[Publication, Outcome | Exception]]) -> None:
         """Log (and hand on) what the publisher finished, in the order calls ended."""
         for publication, result in outcomes:
             if isinstance(result, Exception):
                 if not isinstance(result, OSError | CallcapError):
-                    self._internal_error(self.now, result)
+                    self.internal_error(self.now, result)
                 self._failed(publication.call_uid, result)
                 continue
             outcome, audit_problem = result
@@ -808,60 +479,8 @@ class Pipeline:
 
     def settle(self) -> None:
         """Wait until every ended call's files are published (and logged)."""
+        self._drain_all()
         self._published(self._publisher.completed(wait=True))
-
-    def _audit_published(self, log: AuditWriter, published: Published) -> str | None:
-        """Log what reached the archive, with its hashes, once the sidecar is in place.
-
-        A failed append leaves the recording published and is reported (the error text is
-        returned); ``callcap verify`` then reports its files as added.
-        """
-        if published.sidecar is None:
-            return None
-        event = RECORDING_PUBLISHED if published.wav is not None else RECORDING_DISCARDED
-        files: dict[str, FileRef] = {}
-        if published.wav is not None:
-            files["wav"] = log.ref(published.wav.path, published.wav.sha256)
-        files["sidecar"] = log.ref(published.sidecar, published.sidecar_sha256)
-        doc = published.document
-        consent = doc["consent"]
-        try:
-            if consent["mode"] == "all_party":
-                evidence = consent["evidence"]
-                log.append(
-                    CONSENT_DECIDED,
-                    {
-                        "call_uid": published.call_uid,
-                        "rule": consent["rule"],
-                        "status": consent["status"],
-                        "method": evidence["method"] if evidence is not None else None,
-                        "action": consent["action"],
-                    },
-                )
-            for pause in doc.get("pauses") or ():
-                # PCI pauses: when the recording was silenced and what asked for it
-                log.append(
-                    PAUSE,
-                    {
-                        "call_uid": published.call_uid,
-                        "from_s": pause["from_s"],
-                        "to_s": pause["to_s"],
-                        "by": pause["by"],
-                    },
-                )
-            log.append(
-                event,
-                {
-                    "call_uid": published.call_uid,
-                    "end_reason": doc["end_reason"],
-                    "consent_status": doc["consent"]["status"],
-                    "delete_after": doc["retention"]["delete_after"],
-                },
-                files,
-            )
-        except (OSError, CallcapError) as exc:
-            return str(exc)[:500]
-        return None
 
     # -- time -------------------------------------------------------------------------------
 
@@ -879,9 +498,14 @@ class Pipeline:
                 self.drops.drop(
                     "spool_write_failed", now, call_uid=rec.call_uid, detail=str(exc)[:300]
                 )
-        if self.durable and self.recorders:
+        if self.recorders:
+            # Durable mode: the spool survives a power cut within one interval.  Either way,
+            # audio reaches the disk as it is written instead of all at once when calls end
+            # (publishing fsyncs each file: it then waits for a second of audio, not a call).
             self._spool_sync.request(spool_dir(self.out_dir))
         self._handle(tracker.expire(now))
+        if self._ending:
+            self._drain_all()
         self._published(self._publisher.completed())
         self.decoder.expire(now)
         self.tcp.expire(now)

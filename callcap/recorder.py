@@ -93,7 +93,7 @@ class _StreamContext:
     decoded: bool = False
     encrypted: bool = False
     codec: str | None = None
-    pending: list[tuple[int, bytes, Decoder]] = field(default_factory=list)
+    pending: list[tuple[int, npt.NDArray[np.int16]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,31 +156,42 @@ class Publication:
     def commit(self) -> Published:
         """The quick half (the caller may hold the archive lock): the audio, then the
         sidecar, renamed into place, and their directory made durable."""
+        self.place()
+        if self._wav is not None or self._sidecar is not None:
+            try:
+                fsync_dir(self.stem.parent)
+            except OSError as exc:
+                release_stem(self.stem)
+                raise StorageError(f"cannot publish {self.stem}: {exc}") from exc
+        return self.finish()
+
+    def place(self) -> None:
+        """:meth:`commit` up to the directory fsync, which the caller does (once for many
+        publications: see the pipeline's group commit), then calls :meth:`finish`."""
         try:
-            wav = self._wav
-            sidecar = self._sidecar
-            if wav is not None and self.writer is not None:
-                place_file(self.writer.path, wav.path, dir_mode=self.dir_mode)
-            if sidecar is not None:
-                sidecar.commit()
-            if wav is not None or sidecar is not None:
-                try:
-                    fsync_dir(self.stem.parent)
-                except OSError as exc:
-                    raise StorageError(f"cannot publish {self.stem}: {exc}") from exc
-            if self.spool_entry is not None:
-                remove_entry(self.spool_entry[0], self.call_uid, self.spool_entry[1])
-            return Published(
-                self.call_uid,
-                sidecar.final if sidecar is not None else None,
-                wav,
-                self.doc,
-                sidecar.sha256 if sidecar is not None else None,
-            )
+            if self._wav is not None and self.writer is not None:
+                place_file(self.writer.path, self._wav.path, dir_mode=self.dir_mode)
+            if self._sidecar is not None:
+                self._sidecar.commit()
         except BaseException:
             if self._sidecar is not None:
                 self._sidecar.discard()
+            release_stem(self.stem)
             raise
+
+    def finish(self) -> Published:
+        """After the directory fsync: forget the spool entry; what was published."""
+        try:
+            if self.spool_entry is not None:
+                remove_entry(self.spool_entry[0], self.call_uid, self.spool_entry[1])
+            sidecar = self._sidecar
+            return Published(
+                self.call_uid,
+                sidecar.final if sidecar is not None else None,
+                self._wav,
+                self.doc,
+                sidecar.sha256 if sidecar is not None else None,
+            )
         finally:
             release_stem(self.stem)
 
@@ -210,10 +221,10 @@ class CallRecorder:
         self.written = 0
         self._writer: WavWriter | None = None
         self._part: Path | None = None
-        self._pending: tuple[list[tuple[int, bytes, Decoder]], list[tuple[int, bytes, Decoder]]] = (
-            [],
-            [],
-        )
+        #: Decoded samples waiting to be written, per channel: (timeline position, samples).
+        self._pending: tuple[
+            list[tuple[int, npt.NDArray[np.int16]]], list[tuple[int, npt.NDArray[np.int16]]]
+        ] = ([], [])
         self._carry: npt.NDArray[np.int16] | None = None
         self._jitter = config.rtp.jitter_window_ms * TIMELINE_RATE // 1000
         self.streams: dict[tuple[bytes, int, bytes, int, int], _StreamContext] = {}
@@ -357,34 +368,13 @@ class CallRecorder:
 
     # -- media input (hot path) -------------------------------------------------------------
 
-    def on_rtp(
-        self,
-        arrival: float,
-        sender: str,
-        src: bytes,
-        sport: int,
-        dst: bytes,
-        dport: int,
-        pt: int,
-        seq: int,
-        ts: int,
-        ssrc: int,
-        payload: bytes,
-    ) -> None:
-        """One RTP packet of this call (the general entry; the pipeline's fast path caches
-        :meth:`stream_for` per flow and calls :meth:`push` directly)."""
-        self.push(
-            self.stream_for(sender, src, sport, dst, dport, ssrc, arrival),
-            arrival,
-            pt,
-            seq,
-            ts,
-            payload,
-        )
-
     def stream_for(
         self, sender: str, src: bytes, sport: int, dst: bytes, dport: int, ssrc: int, arrival: float
     ) -> _StreamContext:
+        """The stream of one RTP source (addresses and SSRC), made on its first packet.
+
+        Packets then go to :meth:`push` one by one (the general path) or to :meth:`queue_run`
+        as placed runs (the pipeline's fast lane, which keeps these contexts per flow)."""
         key = (src, sport, dst, dport, ssrc)
         ctx = self.streams.get(key)
         if ctx is None:
@@ -408,7 +398,9 @@ class CallRecorder:
                 ctx.late += 1
                 self._gap(stream.side, pos, pos + len(payload))
                 return
-            ctx.pending.append((pos, payload, kind[2]))  # type: ignore[arg-type]
+            decoder = kind[2]
+            assert decoder is not None
+            ctx.pending.append((pos, decoder(payload)))
         elif what is PayloadKind.EVENT:
             if stream.push(arrival, seq, ts, pt, 0, timing=False) is None:
                 return
@@ -431,28 +423,29 @@ class CallRecorder:
         self,
         ctx: _StreamContext,
         positions: npt.NDArray[np.int64],
-        payload: bytes,
+        samples: npt.NDArray[np.int16],
         size: int,
-        decoder: Decoder,
         last_arrival: float,
+        contiguous: bool | None = None,
     ) -> None:
         """Queue a run of audio packets already placed on the timeline (see
-        :func:`~callcap.capture.stream.place_runs`): ``size`` bytes each, back to back in
-        ``payload``.  Back-to-back positions (no loss, no clock slip) make one queue item."""
+        :func:`~callcap.capture.stream.place_runs`) and decoded: ``size`` samples each, back
+        to back in ``samples``.  Back-to-back positions (no loss, no clock slip) make one
+        queue item; ``contiguous`` says whether they are when the caller already knows."""
         self.last_rtp = last_arrival
         written = self.written
         first = int(positions[0])
-        if first >= written and (
-            len(positions) == 1 or bool((positions[1:] - positions[:-1] == size).all())
-        ):
-            ctx.pending.append((first, payload, decoder))
+        if contiguous is None:
+            contiguous = len(positions) == 1 or bool((positions[1:] - positions[:-1] == size).all())
+        if first >= written and contiguous:
+            ctx.pending.append((first, samples))
             return
         for i, pos in enumerate(positions.tolist()):
             if pos < written:
                 ctx.late += 1
                 self._gap(ctx.stream.side, pos, pos + size)
             else:
-                ctx.pending.append((pos, payload[i * size : (i + 1) * size], decoder))
+                ctx.pending.append((pos, samples[i * size : (i + 1) * size]))
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -531,7 +524,7 @@ class CallRecorder:
                     self._event_digit(ctx, digit)
         if self.origin is not None and not self.discarded:
             last = max(
-                (pos + len(payload) for pending in self._pending for pos, payload, _ in pending),
+                (pos + len(samples) for pending in self._pending for pos, samples in pending),
                 default=0,
             )
             horizon = max(round((end - self.origin) * TIMELINE_RATE), last, self.written)
@@ -798,7 +791,7 @@ class CallRecorder:
             return
         carry = self._carry
         length = max(n, 0 if carry is None else len(carry))
-        placed: list[tuple[int, list[_Placed]]] = []
+        placed: list[tuple[int, npt.NDArray[np.int64] | slice, npt.NDArray[np.int16]]] = []
         for ch in (0, 1):
             pending = self._pending[ch]
             if not pending:
@@ -807,19 +800,17 @@ class CallRecorder:
             if not taken:
                 continue
             pending[:] = [item for item in pending if item[0] >= horizon]
-            groups = _decode_groups(taken, start)
-            for _decoder, index, _samples in groups:
-                if isinstance(index, slice):
-                    length = max(length, index.stop)
-                elif len(index):
-                    length = max(length, int(index.max()) + 1)
-            placed.append((ch, groups))
+            index, samples = _placement(taken, start)
+            if isinstance(index, slice):
+                length = max(length, index.stop)
+            elif len(index):
+                length = max(length, int(index.max()) + 1)
+            placed.append((ch, index, samples))
         block = np.zeros((length, 2), dtype=np.int16)
         if carry is not None:
             block[: len(carry)] = carry
-        for ch, groups in placed:
-            for _decoder, index, samples in groups:
-                block[index, ch] = samples
+        for ch, index, samples in placed:
+            block[index, ch] = samples
         if self._inband is not None:
             self._detect_inband(block, start, n, final=final)
             self._release_deferred(final)
@@ -994,55 +985,37 @@ class CallRecorder:
         }
 
 
-_Placed = tuple[Decoder, "npt.NDArray[np.int64] | slice", "npt.NDArray[np.int16]"]
+_Placed = tuple["npt.NDArray[np.int64] | slice", "npt.NDArray[np.int16]"]
 
 
-def _decode_groups(items: list[tuple[int, bytes, Decoder]], start: int) -> list[_Placed]:
-    """Decode queued payloads in one table lookup per codec → (sample indices, samples).
+def _placement(items: list[tuple[int, npt.NDArray[np.int16]]], start: int) -> _Placed:
+    """Where queued samples go in the block that starts at timeline sample ``start``:
+    (sample indices, samples) — a slice when they are back to back, the usual case.
 
-    Indices are relative to ``start`` (the first unwritten sample); samples that would land
-    before it (a packet straddling the last flush) are dropped.  Equal-length payloads — the
-    usual 20 ms packets — take a reshape instead of a repeat.
+    Samples that would land before ``start`` (a packet straddling the last flush) are
+    dropped.  Where stretches overlap (a duplicate that slipped through), the later wins.
     """
-    positions, payloads, decoders = zip(*items, strict=True)
-    first = decoders[0]
-    if decoders.count(first) == len(decoders):
-        grouped = [(first, positions, payloads)]
-    else:
-        by_decoder: dict[Decoder, tuple[list[int], list[bytes]]] = {}
-        for pos, payload, decoder in items:
-            entry = by_decoder.setdefault(decoder, ([], []))
-            entry[0].append(pos)
-            entry[1].append(payload)
-        grouped = [(d, tuple(p), tuple(b)) for d, (p, b) in by_decoder.items()]
-    out: list[_Placed] = []
-    for decoder, pos_t, pay_t in grouped:
-        data = b"".join(pay_t)
-        samples = decoder(data)
-        size = len(pay_t[0])
-        first_pos = pos_t[0] - start
-        uniform = size and len(data) == size * len(pay_t)
-        if first_pos >= 0 and pos_t[-1] - pos_t[0] == len(data) - len(pay_t[-1]):
-            lens = np.fromiter(map(len, pay_t), dtype=np.int64, count=len(pay_t))
-            rel = np.array(pos_t, dtype=np.int64)
-            if len(rel) < 2 or bool((rel[1:] - rel[:-1] == lens[:-1]).all()):
-                # back-to-back stretches in order (the usual case): one slice, no index array
-                out.append((decoder, slice(first_pos, first_pos + len(data)), samples))
-                continue
-        rel = np.array(pos_t, dtype=np.int64) - start
-        if uniform:
-            index = (rel[:, None] + np.arange(size, dtype=np.int64)).ravel()
-        else:
-            lens = np.fromiter(map(len, pay_t), dtype=np.int64, count=len(pay_t))
-            index = np.repeat(rel - (np.cumsum(lens) - lens), lens) + np.arange(
-                len(data), dtype=np.int64
-            )
-        if rel.min() < 0:
-            keep = index >= 0
-            index = index[keep]
-            samples = samples[keep]
-        out.append((decoder, index, samples))
-    return out
+    if len(items) == 1 and items[0][0] >= start:
+        pos, samples = items[0]
+        return slice(pos - start, pos - start + len(samples)), samples
+    positions = [pos for pos, _ in items]
+    lengths = [len(samples) for _, samples in items]
+    samples = np.concatenate([samples for _, samples in items])
+    first = positions[0] - start
+    if first >= 0 and all(
+        nxt == pos + size for pos, size, nxt in zip(positions, lengths, positions[1:], strict=False)
+    ):
+        return slice(first, first + len(samples)), samples
+    rel = np.array(positions, dtype=np.int64) - start
+    sizes = np.array(lengths, dtype=np.int64)
+    index = np.repeat(rel - (np.cumsum(sizes) - sizes), sizes) + np.arange(
+        len(samples), dtype=np.int64
+    )
+    if rel.min() < 0:
+        keep = index >= 0
+        index = index[keep]
+        samples = samples[keep]
+    return index, samples
 
 
 def _merge_gaps(gaps: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:

@@ -168,6 +168,15 @@ class AuditWriter:
             self._torn = os.pread(fd, 1, size - 1) != b"\n"
         return fd
 
+    def sync(self) -> None:
+        """Make the entries appended with ``sync=False`` durable."""
+        if self._fd is None:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise StorageError(f"cannot sync the audit log: {exc.strerror or exc}") from exc
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -185,7 +194,10 @@ class AuditWriter:
         files: Mapping[str, FileRef] | None = None,
         *,
         now: float | None = None,
+        sync: bool = True,
     ) -> dict[str, Any]:
+        """Append one entry; with ``sync=False`` it is durable only after :meth:`sync`
+        (a batch of entries then costs one fsync)."""
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         fd = self._open()
@@ -209,7 +221,8 @@ class AuditWriter:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             raise StorageError(f"cannot append to the audit log: {exc.strerror or exc}") from exc
         self._torn = False

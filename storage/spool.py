@@ -121,6 +121,11 @@ class SpoolSync:
     thread.  Those writes skip the fsync instead — a crash of the process loses nothing,
     the page cache keeps them — and a worker thread syncs the spool's filesystem, which
     covers a power cut.  Requests made while a sync runs coalesce into the next one.
+
+    ``callcap record`` syncs the same way for another reason: left to the kernel, hundreds
+    of MB of audio stay dirty in the page cache until the calls end, and publishing them
+    (an fsync per file) then waits for all of it at once; synced as it is written, the
+    disk works while the packets are processed.
     """
 
     def __init__(self) -> None:

@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -217,30 +218,54 @@ def test_reserved_stems_are_unique_until_released(tmp_path: Path) -> None:
     release_stem(second)
 
 
-def test_publications_commit_in_call_end_order_whatever_order_they_staged_in(
+def test_publications_commit_in_call_end_order_in_one_batch_whatever_order_they_staged_in(
     tmp_path: Path,
 ) -> None:
-    import structlog
+    """Three calls end together; the first stages slowest, the second fails to stage.  They
+    commit in call-end order, the failure passes the turn on, and the worker whose turn it
+    is commits everything staged behind it under one archive lock (group commit)."""
+    from callcap.publishing import Publisher
+    from callcap.recorder import Published
+    from callcap.storage.audit import AuditLog
 
-    from callcap.config.loader import load_config
-    from callcap.pipeline import Pipeline
+    placed: list[int] = []
+    locks: list[Path] = []
 
-    pipeline = Pipeline(load_config(None), tmp_path, structlog.get_logger("test"))
-    order: list[int] = []
+    class CountingLog(AuditLog):
+        @contextlib.contextmanager
+        def locked(self) -> Iterator[Any]:
+            locks.append(self.out_dir)
+            with super().locked() as writer:
+                yield writer
 
-    def commit(ticket: int, delay: float) -> None:
-        threading.Event().wait(delay)  # staging that takes this long
-        with contextlib.suppress(StorageError), pipeline._commit_turn(ticket):
-            order.append(ticket)
-            if ticket == 1:
-                raise StorageError("a failed publication still passes the turn on")
+    class Staged:
+        """What the publisher needs of a publication, with staging that takes ``delay``."""
 
-    threads = [
-        threading.Thread(target=commit, args=(ticket, delay))
-        for ticket, delay in ((2, 0.0), (1, 0.05), (0, 0.2))
+        def __init__(self, ticket: int, delay: float, fail: bool = False) -> None:
+            self.ticket, self.delay, self.fail = ticket, delay, fail
+            self.out_dir = tmp_path
+            self.stem = tmp_path / f"call{ticket}"
+
+        def stage(self) -> None:
+            threading.Event().wait(self.delay)
+            if self.fail:
+                raise StorageError("staging failed")
+
+        def place(self) -> None:
+            placed.append(self.ticket)
+
+        def finish(self) -> Published:
+            return Published(str(self.ticket), None, None, {})
+
+    publisher = Publisher(CountingLog, workers=3)
+    for ticket, delay, fail in ((0, 0.3, False), (1, 0.05, True), (2, 0.0, False)):
+        publisher.submit(Staged(ticket, delay, fail))  # type: ignore[arg-type]
+    outcomes = publisher.completed(wait=True)
+    publisher.shutdown()
+    assert placed == [0, 2]
+    assert [type(result).__name__ for _p, result in outcomes] == ["tuple", "StorageError", "tuple"]
+    assert [result[0].call_uid for _p, result in outcomes if isinstance(result, tuple)] == [
+        "0",
+        "2",
     ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert order == [0, 1, 2]
+    assert locks == [tmp_path]  # one batch, one lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 import soundfile
 import structlog
+from callgen import CALLEE_IP, CALLER_IP, T0, Call, sdp, tone, write_pcap
 from workload import write_workload
 
+from callcap.capture.block import batched
 from callcap.capture.pcapfile import CaptureReader
 from callcap.capture.stream import RtpStream, place_runs
 from callcap.config.loader import load_config
@@ -27,15 +30,18 @@ PTIME = 160
 
 
 def _record(
-    capture: Path, out: Path, *, fast: bool
+    capture: Path, out: Path, *, fast: bool | int
 ) -> tuple[Pipeline, dict[str, tuple[dict[str, Any], bytes]]]:
+    """Record through ``feed`` frame by frame (``fast`` false), the capture's own blocks
+    (true), or blocks of ``fast`` frames built from single frames (an int)."""
     pipeline = Pipeline(load_config(None), out, structlog.get_logger("test"))
     with CaptureReader(str(capture)) as reader:
-        frames = iter(reader)
-        if fast:
-            pipeline.run(frames)
+        if fast is True:
+            pipeline.run_blocks(reader.blocks())
+        elif fast:
+            pipeline.run_blocks(batched(iter(reader), size=fast))
         else:
-            for ts, linktype, frame in frames:
+            for ts, linktype, frame in reader:
                 pipeline.feed(ts, linktype, frame)
     pipeline.close("capture_end")
     result = {}
@@ -83,6 +89,98 @@ def test_run_gives_what_feed_gives_packet_by_packet(
         assert fdoc["gaps"] == doc["gaps"]
         assert fdoc["dtmf"] == doc["dtmf"]
         assert any(s["packets"] > 500 for s in doc["streams"])  # real streams were compared
+
+
+def _eventful_calls(path: Path) -> Path:
+    """Three concurrent calls doing what moves the lane off its common case: media moved to
+    a new port and codec by a re-INVITE mid-stream, an SSRC change, comfort noise, RFC 4733
+    events, RTCP multiplexed on the RTP port, loss, reordering, a duplicate, a NAT'd source
+    port, and calls ending while the others go on."""
+    records: list[tuple[float, bytes]] = []
+    one = Call(call_id="lane-1@10.20.0.1", caller_port=40000, callee_port=50000)
+    answer = one.setup(T0)
+    one.stream(answer + 0.1, tone(300, 2.0), from_caller=False, seq0=1, ts0=0)
+    one.stream(answer + 0.1, tone(500, 4.0), from_caller=True, skip=[7, 40, 41])
+    one.request(answer + 2.2, "INVITE", body=sdp(CALLER_IP, 40000))
+    one.response(answer + 2.25, "200 OK", f"{one.cseq} INVITE", body=sdp(CALLEE_IP, 50002, "8"))
+    one.request(answer + 2.26, "ACK")
+    one.stream(answer + 2.3, tone(900, 1.5), from_caller=False, codec="PCMA", seq0=200, ts0=20000)
+    one.records = [
+        (ts, f[:34] + struct.pack("!H", 50002) + f[36:])
+        if ts >= answer + 2.3 and len(f) > 100 and f[34:36] == struct.pack("!H", 50000)
+        else (ts, f)
+        for ts, f in one.records
+    ]
+    one.bye(answer + 4.5)
+    records += one.records
+
+    two = Call(call_id="lane-2@10.20.0.1", caller_port=40010, callee_port=50010)
+    answer = two.setup(T0 + 0.3)
+    two.stream(answer + 0.1, tone(700, 3.0), from_caller=True, seq0=65500, ts0=2**32 - 800)
+    two.stream(answer + 0.1, tone(1100, 1.0), from_caller=False)
+    two.stream(answer + 1.1, tone(1200, 2.0), from_caller=False, ssrc=0x0BADF00D, seq0=9, ts0=5)
+    t = answer + 3.2
+    two.rtp(
+        t,
+        from_caller=True,
+        seq=65500 + 150,
+        rtp_ts=(2**32 - 800 + 150 * 160) % 2**32,
+        payload=b"\x40",
+        pt=13,
+    )
+    for k in range(4):
+        body = struct.pack("!BBH", 5, (0x80 if k == 3 else 0) | 10, (k + 1) * 160)
+        two.rtp(
+            t + 0.02 * (k + 1),
+            from_caller=True,
+            seq=65500 + 151 + k,
+            rtp_ts=123456,
+            payload=body,
+            pt=101,
+        )
+    two.rtp(t + 0.2, from_caller=True, seq=0, rtp_ts=0, payload=bytes(20), pt=72)  # RTCP-mux SR
+    two.bye(answer + 4.0, from_callee=True)
+    records += two.records
+
+    three = Call(call_id="lane-3@10.20.0.1", caller_port=40020, callee_port=50020)
+    answer = three.setup(T0 + 0.6)
+    for i in range(150):  # from a NAT'd port, with two packets swapped and one repeated
+        j = {30: 31, 31: 30}.get(i, i)
+        for again in (0.0, 0.005) if i == 60 else (0.0,):
+            three.rtp(
+                answer + 0.1 + i * 0.02 + again,
+                from_caller=True,
+                seq=j,
+                rtp_ts=j * 160,
+                payload=bytes([0x80 + (j % 64)]) * 160,
+                src_port=61000,
+            )
+    three.stream(answer + 0.1, tone(1500, 3.0), from_caller=False)
+    three.bye(answer + 6.0)
+    records += three.records
+    records.sort(key=lambda r: r[0])
+    return write_pcap(path, records)
+
+
+@pytest.mark.parametrize("blocks", [True, 1, 7, 64])
+def test_blocks_cut_anywhere_give_what_feed_gives_on_eventful_calls(
+    tmp_path: Path, blocks: bool | int
+) -> None:
+    capture = _eventful_calls(tmp_path / "calls.pcap")
+    fast_pipeline, fast = _record(capture, tmp_path / "fast", fast=blocks)
+    _slow_pipeline, slow = _record(capture, tmp_path / "slow", fast=False)
+    assert len(slow) == 3
+    assert fast_pipeline.counters["rtp_placed_in_runs"] > 0 or blocks == 1
+    for call_id, (doc, audio) in slow.items():
+        fdoc, faudio = fast[call_id]
+        assert faudio == audio, call_id
+        for key in ("streams", "gaps", "dtmf", "warnings", "audio"):
+            assert fdoc[key] == doc[key], (call_id, key)
+    docs = {call_id: doc for call_id, (doc, _a) in slow.items()}
+    assert {s["codec"] for s in docs["lane-1@10.20.0.1"]["streams"]} == {"PCMU", "PCMA"}
+    assert len(docs["lane-2@10.20.0.1"]["streams"]) == 3
+    assert docs["lane-2@10.20.0.1"]["dtmf"]
+    assert docs["lane-1@10.20.0.1"]["gaps"]
 
 
 def _packets(
