@@ -196,6 +196,13 @@ def _break_of(run: _Run) -> int:
     return len(run.frames)
 
 
+def _ranges(firsts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """``firsts[i] .. firsts[i] + lengths[i] - 1`` for every ``i``, one after the other."""
+    before = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=before[1:])
+    return np.repeat(firsts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
 def _key_hash(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint64]:
     """64-bit hash of a 12-byte flow key split in its first 8 and last 4 bytes."""
     return hi ^ (lo.astype(np.uint64) * _HASH_MUL)
@@ -537,7 +544,7 @@ class FastLane:
         lengths = np.array([n for *_x, n in runs], dtype=np.int64)
         starts = np.zeros(len(runs), dtype=np.int64)
         np.cumsum(lengths[:-1], out=starts[1:])
-        take = np.repeat(firsts - starts, lengths) + np.arange(int(lengths.sum()))
+        take = _ranges(firsts, lengths)
         psizes = (end[firsts] - _RTP_PAYLOAD_AT).tolist()
         placed = place_runs(
             [ctx.stream for _f, ctx, *_x in runs],
@@ -559,8 +566,9 @@ class FastLane:
                 groups.setdefault((size, decoder), []).append(r)
         decoded: dict[int, tuple[npt.NDArray[np.int16], int]] = {}  # run → (samples, offset)
         for (size, decoder), members in groups.items():
-            mine = np.concatenate(
-                [np.arange(runs[r][3], runs[r][3] + runs[r][4], dtype=np.int64) for r in members]
+            mine = _ranges(
+                np.array([runs[r][3] for r in members], dtype=np.int64),
+                np.array([runs[r][4] for r in members], dtype=np.int64),
             )
             data = np.empty((len(mine), size), dtype=np.uint8)
             sub_parts = part_of[mine]

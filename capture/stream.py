@@ -470,16 +470,19 @@ def place_runs(
 
     positions = np.rint(media + anchor[sid]).astype(np.int64)
     out: list[npt.NDArray[np.int64] | None] = [None] * n_runs
-    ok_list = ok.tolist()
-    length_list = lengths.tolist()
+    # each run's last packet, as Python numbers: the stream goes on from there
+    last_ts = tss[ends].tolist()
+    last_ext = ext_ts[ends].tolist()
+    last_transit = transit[ends].tolist()
+    last_jitter = jitters[ends].tolist()
+    last_position = positions[ends].tolist()
     first_list = starts.tolist()
     end_list = ends.tolist()
-    low_list = low.tolist()
-    for r, stream in enumerate(streams):
-        if not ok_list[r]:
+    for r, (stream, run_ok, n, low_r) in enumerate(
+        zip(streams, ok.tolist(), lengths.tolist(), low.tolist(), strict=True)
+    ):
+        if not run_ok:
             continue
-        n = length_list[r]
-        e = end_list[r]
         stats = stream.stats
         stats.packets += n
         counts = stats.payload_types
@@ -489,17 +492,18 @@ def place_runs(
         ext = stream._max_seq + n
         stream._max_seq = ext
         stream.received += n
-        stream._ref_ts = int(tss[e])
-        stream._ref_ext_ts = int(ext_ts[e])
-        stream._last_transit = float(transit[e])
-        stream.jitter = float(jitters[e])
-        stats.jitter_max = max(stats.jitter_max, jitter_max[r])
+        stream._ref_ts = last_ts[r]
+        stream._ref_ext_ts = last_ext[r]
+        stream._last_transit = last_transit[r]
+        stream.jitter = last_jitter[r]
+        if jitter_max[r] > stats.jitter_max:
+            stats.jitter_max = jitter_max[r]
         stats.jitter_sum += jitter_sum[r]
         stats.jitter_samples += n
-        stream._window_min = min(stream._window_min, low_list[r])
-        placed = positions[first_list[r] : e + 1]
-        stream._prev_end = int(placed[-1]) + round(samples[r] * stream._scale)
+        if low_r < stream._window_min:
+            stream._window_min = low_r
+        stream._prev_end = last_position[r] + round(samples[r] * stream._scale)
         if stream._open_gaps and ext - stream._open_gaps[0].last > MAX_MISORDER:
             stream._close_old_gaps()
-        out[r] = placed
+        out[r] = positions[first_list[r] : end_list[r] + 1]
     return out
