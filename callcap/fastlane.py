@@ -45,8 +45,6 @@ from callcap.capture.block import FrameBlock
 from callcap.capture.stream import place_runs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from callcap.capture.decode import Datagram
     from callcap.pipeline import Pipeline
     from callcap.recorder import CallRecorder
@@ -62,10 +60,7 @@ _RTP_PAYLOAD_AT: Final = 54  # 14 Ethernet + 20 IPv4 + 8 UDP + 12 RTP
 _FIELDS: Final = (
     ("ip_len", 16, ">u2"),  # IPv4 total length
     ("udp_len", 38, ">u2"),
-    ("b0", 42, "u1"),  # RTP version, padding, extension, CSRC count
-    ("b1", 43, "u1"),  # RTP marker and payload type
-    ("seq", 44, ">u2"),
-    ("ts", 46, ">u4"),
+    ("rtp", 42, ">u8"),  # RTP flags, marker/payload type, sequence number, timestamp
     ("ssrc", 50, ">u4"),
 )
 
@@ -153,10 +148,11 @@ class _BlockKeys:
         rows = np.flatnonzero(
             (block.linktypes == LINKTYPE_ETHERNET) & (block.lengths > _RTP_PAYLOAD_AT)
         )
-        # Ethernet type IPv4 then version 4 with a 20-byte header; UDP; not a fragment
+        # Ethernet type IPv4 then version 4 with a 20-byte header; not a fragment, UDP
         ok = (block.field(rows, _ETH_TYPE_AT, ">u4") >> 8) == 0x080045
-        ok &= (block.field(rows, 20, ">u2") & 0x3FFF) == 0
-        ok &= block.field(rows, 23, "u1") == UDP
+        flags_ttl_proto = block.field(rows, 20, ">u4")
+        ok &= ((flags_ttl_proto >> 16) & 0x3FFF) == 0
+        ok &= (flags_ttl_proto & 0xFF) == UDP
         rows = rows[ok]
         hi = block.field(rows, _KEY_AT, "<u8")
         lo = block.field(rows, _KEY_AT + 8, "<u4")
@@ -196,6 +192,15 @@ def _break_of(run: _Run) -> int:
     return len(run.frames)
 
 
+def _discard(index: dict[Any, set[bytes]], name: Any, key: bytes) -> None:
+    """Take ``key`` out of ``index[name]``, and the entry out of the index once empty."""
+    keys = index.get(name)
+    if keys is not None:
+        keys.discard(key)
+        if not keys:
+            del index[name]
+
+
 def _ranges(firsts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """``firsts[i] .. firsts[i] + lengths[i] - 1`` for every ``i``, one after the other."""
     before = np.zeros(len(lengths), dtype=np.int64)
@@ -231,7 +236,8 @@ class FastLane:
         # go back to the general path: their slot numbers may be given to new flows).
         self._removed: list[int] = []
         self._learned = False  # flows learned since the block in progress was matched
-        self._by_recorder: dict[int, set[bytes]] = {}
+        self._by_recorder: dict[int, set[bytes]] = {}  # id(recorder) → its flows' keys
+        self._by_endpoint: dict[tuple[bytes, int], set[bytes]] = {}  # (address, port) → keys
         self._queued = np.zeros(64, dtype=np.int64)  # frames queued per slot
         self._pending: list[_Pending] = []
         self._pending_rows = 0
@@ -256,32 +262,43 @@ class FastLane:
             self._slots[slot] = flow
         self.flows[key] = flow
         self._by_recorder.setdefault(id(recorder), set()).add(key)
+        for endpoint in ((flow.src, flow.sport), (flow.dst, flow.dport)):
+            self._by_endpoint.setdefault(endpoint, set()).add(key)
         self._lookup = None
         self._learned = True
         return flow
 
-    def forget(self, stale: Callable[[FastFlow], bool]) -> None:
-        """Forget the flows ``stale`` picks, after placing what they hold."""
-        self._forget([flow for flow in self.flows.values() if stale(flow)])
+    def forget_routes(self, recorder: CallRecorder, endpoints: set[tuple[bytes, int]]) -> None:
+        """Routes changed: forget, after placing what they hold, the flows of ``recorder``
+        and every flow from or to one of ``endpoints`` (packed address, port)."""
+        keys = set(self._by_recorder.get(id(recorder), ()))
+        for endpoint in endpoints:
+            keys |= self._by_endpoint.get(endpoint, set())
+        self._forget([self.flows[key] for key in keys if key in self.flows])
+
+    def _unindex(self, flow: FastFlow) -> None:
+        """Take a flow out of the dictionaries (its slot is the caller's business)."""
+        del self.flows[flow.key]
+        _discard(self._by_recorder, id(flow.recorder), flow.key)
+        _discard(self._by_endpoint, (flow.src, flow.sport), flow.key)
+        _discard(self._by_endpoint, (flow.dst, flow.dport), flow.key)
+        self._removed.append(flow.slot)
+        self._lookup = None
 
     def close_recorder(self, recorder: CallRecorder) -> bool:
         """A call ended: no frame takes the lane to it any more.  What its flows already
         queued stays queued, placed by the next full drain (a call ending costs no drain of
         its own); True if there is any, so the caller finishes the call after that drain."""
-        keys = self._by_recorder.pop(id(recorder), set())
         waiting = False
-        for key in keys:
-            flow = self.flows.pop(key, None)
-            if flow is None:
-                continue
-            self._removed.append(flow.slot)
+        for key in list(self._by_recorder.get(id(recorder), ())):
+            flow = self.flows[key]
+            self._unindex(flow)
             if self._queued[flow.slot]:
                 self._closing.append(flow.slot)
                 waiting = True
             else:
                 self._slots[flow.slot] = None
                 self._free.append(flow.slot)
-        self._lookup = None
         return waiting
 
     def drain_recorder(self, recorder: CallRecorder) -> None:
@@ -296,16 +313,9 @@ class FastLane:
             return
         self._drain({flow.slot for flow in flows})
         for flow in flows:
-            del self.flows[flow.key]
+            self._unindex(flow)
             self._slots[flow.slot] = None
             self._free.append(flow.slot)
-            self._removed.append(flow.slot)
-            keys = self._by_recorder.get(id(flow.recorder))
-            if keys is not None:
-                keys.discard(flow.key)
-                if not keys:
-                    del self._by_recorder[id(flow.recorder)]
-        self._lookup = None
 
     def _table(self) -> tuple[npt.NDArray[Any], ...] | None:
         if self._lookup is None and self.flows:
@@ -462,7 +472,7 @@ class FastLane:
         rows, slots, part_of = rows[order], slots[order], part_of[order]
         m = len(rows)
         # the header fields of every frame, one gather each (frames are longer than 54 bytes)
-        fields = {name: np.empty(m, dtype=np.int64) for name, _at, _type in _FIELDS}
+        fields = {name: np.empty(m, dtype=np.uint64) for name, _at, _type in _FIELDS}
         arrivals = np.empty(m, dtype=np.float64)
         sizes = np.empty(m, dtype=np.int64)
         for i, (block, _r, _s) in enumerate(parts):
@@ -472,13 +482,14 @@ class FastLane:
                 fields[name][at] = block.field(mine, offset, kind)
             arrivals[at] = block.times[mine]
             sizes[at] = block.lengths[mine]
-        ip_end = _IP_AT + fields["ip_len"]
-        end = _IP_AT + 20 + fields["udp_len"]
-        b0 = fields["b0"]
-        pt = fields["b1"] & 0x7F
-        seq = fields["seq"]
-        rts = fields["ts"]
-        ssrc = fields["ssrc"]
+        ip_end = _IP_AT + fields["ip_len"].astype(np.int64)
+        end = _IP_AT + 20 + fields["udp_len"].astype(np.int64)
+        rtp = fields["rtp"]
+        b0 = (rtp >> np.uint64(56)).astype(np.int64)
+        pt = ((rtp >> np.uint64(48)) & np.uint64(0x7F)).astype(np.int64)
+        seq = ((rtp >> np.uint64(32)) & np.uint64(0xFFFF)).astype(np.int64)
+        rts = (rtp & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        ssrc = fields["ssrc"].astype(np.int64)
         plain = (b0 == 0x80) & (end > _RTP_PAYLOAD_AT) & (end <= ip_end) & (ip_end <= sizes)
         plain &= (pt < 72) | (pt > 76)
 

@@ -386,13 +386,7 @@ class Pipeline:
         # Routes changed: forget the fast-lane flows they may affect (this call's, and any
         # other call's flow through an address this call now claims); they re-learn from
         # the router on their next packet.
-        self.lane.forget(
-            lambda flow: (
-                flow.recorder is rec
-                or (flow.src, flow.sport) in announced
-                or (flow.dst, flow.dport) in announced
-            )
-        )
+        self.lane.forget_routes(rec, announced)
         self._checkpoint(rec, event.ts)
 
     def _end(self, event: CallEnded) -> None:
