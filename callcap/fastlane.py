@@ -236,6 +236,7 @@ class FastLane:
         # go back to the general path: their slot numbers may be given to new flows).
         self._removed: list[int] = []
         self._learned = False  # flows learned since the block in progress was matched
+        self._at = 0  # the first frame of the block in progress not yet queued or fed
         self._by_recorder: dict[int, set[bytes]] = {}  # id(recorder) → its flows' keys
         self._by_endpoint: dict[tuple[bytes, int], set[bytes]] = {}  # (address, port) → keys
         self._queued = np.zeros(64, dtype=np.int64)  # frames queued per slot
@@ -330,11 +331,27 @@ class FastLane:
     # -- the block loop ---------------------------------------------------------------------
 
     def run_block(self, block: FrameBlock) -> None:
-        """Every frame of ``block``, in order: flows' frames queued, the rest to ``feed``."""
-        p = self.p
+        """Every frame of ``block``, in order: flows' frames queued, the rest to ``feed``.
+
+        A bug met in the lane costs a counted ``internal_error`` and the lane for the rest of
+        the block, whose frames then all go through ``feed``: never a crash.
+        """
         n = len(block)
+        self._at = 0
+        try:
+            self._run_block(block, n)
+        except Exception as exc:  # noqa: BLE001 - isolate: the general path takes over
+            p = self.p
+            first = self._at
+            p.internal_error(float(block.times[min(first, n - 1)]), exc)
+            for i in range(first, n):
+                p.feed(float(block.times[i]), int(block.linktypes[i]), block.frame(i))
+
+    def _run_block(self, block: FrameBlock, n: int) -> None:
+        """:meth:`run_block`; ``_at`` is always the first frame not yet queued or fed."""
         if not n:
             return
+        p = self.p
         times = block.times
         linktypes = block.linktypes
         reach = np.maximum.accumulate(times)  # the capture clock after each frame
@@ -351,12 +368,13 @@ class FastLane:
             g = base + general[gi] if gi < len(general) else n
             if g > pos:
                 self._queue(block, pos, g, slots[pos - base : g - base])
+                self._at = g
                 if reach[g - 1] > p.now:
                     p.now = float(reach[g - 1])
             if g >= n:
                 break
             p.feed(float(times[g]), int(linktypes[g]), block.frame(g))
-            pos = g + 1
+            pos = self._at = g + 1
             gi += 1
             if self._learned and pos - base >= _RECLASSIFY_AFTER:
                 # Flows learned a while ago: match the rest again (forgotten ones too).
@@ -395,17 +413,21 @@ class FastLane:
         return slots
 
     def _queue(self, block: FrameBlock, lo: int, hi: int, slots: npt.NDArray[np.int64]) -> None:
+        """Queue frames ``lo`` to ``hi`` of ``block`` (all of flows): everything that can
+        fail is computed before anything is queued."""
         p = self.p
-        p.frames += hi - lo
-        p.bytes += int(block.lengths[lo:hi].sum())
+        counts = np.bincount(slots, minlength=len(self._queued))
+        size = int(block.lengths[lo:hi].sum())
+        rows = np.arange(lo, hi, dtype=np.int64)
         if not self._pending or self._pending[-1].block is not block:
             self._pending.append(_Pending(block))
         pending = self._pending[-1]
-        pending.rows.append(np.arange(lo, hi, dtype=np.int64))
+        pending.rows.append(rows)
         pending.slots.append(slots)
         self._pending_rows += hi - lo
-        counts = np.bincount(slots, minlength=len(self._queued))
         self._queued += counts
+        p.frames += hi - lo
+        p.bytes += size
         if self._pending_rows >= _MAX_PENDING or int(self._queued.max()) >= _MAX_RUN:
             self.drain_all()
 
@@ -454,6 +476,8 @@ class FastLane:
         try:
             if parts:
                 self._place(parts)
+        except Exception as exc:  # noqa: BLE001 - a bug costs these frames, not the process
+            self.p.internal_error(self.p.now, exc)
         finally:
             for slot in closing:  # closed flows: their last frames are placed
                 self._slots[slot] = None

@@ -293,3 +293,50 @@ def test_place_runs_turns_down_a_run_that_would_move_the_anchor() -> None:
     # the next packets arrive 40 ms *earlier* than the anchor allows: a re-anchor
     run = [(1000.0 + i * 0.02, i, i * PTIME) for i in range(5, 10)]
     assert _place_one(s, run) is None and _state(s) == before
+
+
+def test_a_bug_in_the_lane_hands_the_block_to_feed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while a block is classified costs a counted internal error; the block's
+    frames then go through ``feed`` and the recordings are exactly feed's."""
+    import callcap.fastlane
+
+    capture = _eventful_calls(tmp_path / "calls.pcap")
+    _slow_pipeline, slow = _record(capture, tmp_path / "slow", fast=False)
+
+    def broken(cls: Any, block: Any) -> Any:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(callcap.fastlane._BlockKeys, "of", classmethod(broken))
+    fast_pipeline, fast = _record(capture, tmp_path / "fast", fast=True)
+    assert fast_pipeline.drops.totals["internal_error"] >= 1
+    assert fast_pipeline.counters["rtp_placed_in_runs"] == 0
+    assert {k: (d["streams"], a) for k, (d, a) in fast.items()} == {
+        k: (d["streams"], a) for k, (d, a) in slow.items()
+    }
+
+
+def test_a_bug_while_placing_costs_those_frames_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception while queued frames are placed is a counted internal error; recording
+    goes on and every call is still published."""
+    from callcap.fastlane import FastLane
+
+    capture = tmp_path / "w.pcap"
+    info = write_workload(capture, calls=4, seconds=6, seed=3)
+    calls = 0
+
+    def broken(self: FastLane, parts: Any) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(FastLane, "_place", broken)
+    pipeline, result = _record(capture, tmp_path / "out", fast=True)
+    assert calls >= 1
+    assert pipeline.drops.totals["internal_error"] == calls
+    assert len(result) == len(info.calls)
+    for doc, _audio in result.values():
+        assert doc["audio"] is not None
