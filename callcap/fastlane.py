@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from callcap.capture.block import FrameBlock
+from callcap.capture.block import FrameBlock, values_at
+from callcap.capture.ip import PROTO_UDP
 from callcap.capture.stream import place_runs
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from callcap.pipeline import Pipeline
     from callcap.recorder import CallRecorder
 
-UDP: Final = 17
 LINKTYPE_ETHERNET: Final = 1
 
 _ETH_TYPE_AT: Final = 12
@@ -152,7 +152,7 @@ class _BlockKeys:
         ok = (block.field(rows, _ETH_TYPE_AT, ">u4") >> 8) == 0x080045
         flags_ttl_proto = block.field(rows, 20, ">u4")
         ok &= ((flags_ttl_proto >> 16) & 0x3FFF) == 0
-        ok &= (flags_ttl_proto & 0xFF) == UDP
+        ok &= (flags_ttl_proto & 0xFF) == PROTO_UDP
         rows = rows[ok]
         hi = block.field(rows, _KEY_AT, "<u8")
         lo = block.field(rows, _KEY_AT + 8, "<u4")
@@ -211,15 +211,6 @@ def _ranges(firsts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64]) -> np
 def _key_hash(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint64]:
     """64-bit hash of a 12-byte flow key split in its first 8 and last 4 bytes."""
     return hi ^ (lo.astype(np.uint64) * _HASH_MUL)
-
-
-def _split_keys(
-    keys: npt.NDArray[np.uint8],
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32]]:
-    """(n, 12) key bytes → the first 8 and last 4 bytes of each as integers."""
-    hi = np.ascontiguousarray(keys[:, :8]).view("<u8").ravel()
-    lo = np.ascontiguousarray(keys[:, 8:12]).view("<u4").ravel()
-    return hi, lo
 
 
 class FastLane:
@@ -320,8 +311,11 @@ class FastLane:
 
     def _table(self) -> tuple[npt.NDArray[Any], ...] | None:
         if self._lookup is None and self.flows:
-            keys = np.frombuffer(b"".join(self.flows), dtype=np.uint8).reshape(-1, 12)
-            hi, lo = _split_keys(keys)
+            # the keys read as the block keys are (_BlockKeys.of): 8 bytes, then 4
+            joined = b"".join(self.flows)
+            at = np.arange(0, len(joined), 12, dtype=np.int64)
+            hi = values_at(joined, at, "<u8")
+            lo = values_at(joined, at + 8, "<u4")
             hashes = _key_hash(hi, lo)
             order = np.argsort(hashes)
             slots = np.array([flow.slot for flow in self.flows.values()], dtype=np.int64)

@@ -32,6 +32,7 @@ from callcap.capture.dialog import (
     Event,
     MediaOffered,
 )
+from callcap.capture.ip import PROTO_TCP, PROTO_UDP
 from callcap.capture.media import MediaRouter, ip_text, pack_ip
 from callcap.capture.rtp import parse_rtp
 from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
@@ -43,14 +44,9 @@ from callcap.fastlane import FastLane
 from callcap.logs import RateLimitedDrops
 from callcap.publishing import Outcome, Publisher
 from callcap.recorder import CallRecorder, Publication, Published
-from callcap.storage.audit import (
-    AuditLog,
-)
+from callcap.storage.audit import AuditLog
 from callcap.storage.layout import spool_dir
 from callcap.storage.spool import SpoolSync
-
-UDP = 17
-TCP = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +145,7 @@ class Pipeline:
             dg = self.decoder.decode(ts, linktype, frame)
             if dg is None:
                 return
-            if dg.proto == UDP:
+            if dg.proto == PROTO_UDP:
                 route = self.router.match(dg.src, dg.sport, dg.dst, dg.dport)
                 if route is not None:
                     self._rtp(ts, route[0], route[1], dg)
@@ -161,7 +157,7 @@ class Pipeline:
                     self._sip_datagram(ts, dg)
                 else:
                     self.counters["udp_unmatched"] += 1
-            elif dg.proto == TCP:
+            elif dg.proto == PROTO_TCP:
                 self._tcp(ts, dg)
         except ParseError as exc:
             self.drops.drop(exc.reason, ts, detail=str(exc)[:200])

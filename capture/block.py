@@ -64,15 +64,11 @@ class FrameBlock:
         """Bytes ``offset`` to ``offset + width`` of each frame of ``rows``, as a
         ``(len(rows), width)`` array, in one gather.  Every frame asked for must hold them
         (``lengths[rows] >= offset + width``: the caller checks)."""
-        if not len(rows):
-            return np.zeros((0, width), dtype=np.uint8)
-        # every ``width``-byte window of the buffer, one per start offset (a read-only view)
-        windows: npt.NDArray[np.uint8] = np.ndarray(
-            (len(self.data) - width + 1, width), dtype=np.uint8, buffer=self.data, strides=(1, 1)
-        )
-        return windows[self.starts[rows] + offset]
+        return values_at(self.data, self.starts[rows] + offset, np.dtype((np.uint8, (width,))))
 
-    def field(self, rows: npt.NDArray[np.int64], offset: int, dtype: str) -> npt.NDArray[Any]:
+    def field(
+        self, rows: npt.NDArray[np.int64], offset: int, dtype: npt.DTypeLike
+    ) -> npt.NDArray[Any]:
         """One fixed-size field (``dtype``, e.g. ``">u2"``, byte order included) at
         ``offset`` of each frame of ``rows``, in one gather; the frames must hold it."""
         return values_at(self.data, self.starts[rows] + offset, dtype)
@@ -94,8 +90,9 @@ class FrameBlock:
         )
 
 
-def values_at(data: bytes, at: npt.NDArray[np.int64], dtype: str) -> npt.NDArray[Any]:
-    """The ``dtype`` value starting at each byte offset ``at`` of ``data``."""
+def values_at(data: bytes, at: npt.NDArray[np.int64], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """The ``dtype`` value starting at each byte offset ``at`` of ``data`` (a sub-array
+    type such as ``(uint8, (40,))`` gives a row of bytes per offset)."""
     kind = np.dtype(dtype)
     if not len(at):
         return np.zeros(0, dtype=kind)
