@@ -15,15 +15,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
-def _corpus_dir() -> Path:
+CORPUS_DIR = DATA_DIR / "corpus"
+
+
+def corpus_dir() -> Path:
+    """The corpus in the repository (``tests/data/corpus``), or ``$CALLCAP_CORPUS``."""
     override = os.environ.get("CALLCAP_CORPUS")
-    return Path(override) if override else REPO_ROOT.parent / "shared" / "corpus"
+    return Path(override) if override else CORPUS_DIR
 
 
 @pytest.fixture(scope="session")
 def corpus() -> Path:
-    """The public SIP/RTP capture corpus (``../shared/corpus`` beside the checkout)."""
-    path = _corpus_dir()
+    """The public SIP/RTP capture corpus (``tests/data/corpus``: MANIFEST.md says where each
+    file comes from and under which licence)."""
+    path = corpus_dir()
     if not (path / "facts.json").is_file():
         pytest.fail(f"capture corpus not found at {path} (set CALLCAP_CORPUS)")
     return path

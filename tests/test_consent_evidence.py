@@ -29,8 +29,9 @@ from callcap.codecs.inband import InbandDtmfDetector
 from callcap.config.loader import load_config_text
 from callcap.logs import get_logger
 from callcap.pipeline import Pipeline
+from conftest import corpus_dir
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = corpus_dir()
 
 CALLER = "+4930123"
 
