@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import itertools
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from callcap import __version__, archive_cli
-from callcap.errors import CaptureError, ConfigError
+from callcap.errors import ConfigError
 
 # The recorder runs on one thread; its matrix products (the in-band DTMF detector's) are
 # small, and a BLAS thread pool contending for the cores with the capture loop makes them
@@ -54,6 +53,16 @@ def _keep_freed_memory() -> bool:
     )
 
 
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 64, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callcap", description="Passive SIP/RTP call recorder.")
     parser.add_argument("--version", action="version", version=f"callcap {__version__}")
@@ -75,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     rec.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="minimum log level"
+    )
+    rec.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="record on N cores: N processes, each recording its share of the calls (default 1)",
     )
 
     dmn = sub.add_parser(
@@ -101,6 +117,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     dmn.add_argument(
         "--pcap", metavar="FILE", help="replay a capture file through the live path, then exit"
+    )
+    dmn.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N",
+        help="recording processes (overrides capture.workers)",
     )
 
     sub.add_parser("schema", help="print the JSON Schema of the per-call sidecar")
@@ -152,7 +174,12 @@ def _daemon(args: argparse.Namespace) -> int:
     if config is None and os.path.exists(SYSTEM_CONFIG):
         config = SYSTEM_CONFIG
     daemon = Daemon(
-        config, interfaces=args.interface, out=args.out, log_format=args.log_format, pcap=args.pcap
+        config,
+        interfaces=args.interface,
+        out=args.out,
+        log_format=args.log_format,
+        pcap=args.pcap,
+        workers=args.workers,
     )
     return daemon.run()
 
@@ -192,11 +219,9 @@ def _error(message: str) -> None:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from callcap.capture.pcapfile import CaptureReader
     from callcap.config.loader import load_config
-    from callcap.logs import configure_logging, get_logger
-    from callcap.pipeline import Pipeline
-    from callcap.recorder import Published
+    from callcap.logs import configure_logging
+    from callcap.record import RecordJob, record
     from callcap.storage.layout import ensure_dir
 
     try:
@@ -209,61 +234,10 @@ def _record(args: argparse.Namespace) -> int:
         args.log_level or config.logging.level,
         stream=sys.stderr,
     )
-    log = get_logger("callcap.record")
     out = Path(args.out)
     try:
         ensure_dir(out, config.recording.dir_mode)
     except OSError as exc:
         _error(f"cannot create output directory {out}: {exc.strerror or exc}")
         return EXIT_INPUT
-
-    def published(rec: Published) -> None:
-        if rec.wav is not None:
-            sys.stdout.write(f"{rec.wav.path}\n")
-
-    pipeline = Pipeline(config, out, log, on_published=published)
-    pipeline.sources = tuple(os.path.basename(p) for p in args.captures)
-    status = EXIT_OK
-    for name in args.captures:
-        try:
-            reader = CaptureReader(name)
-        except CaptureError as exc:
-            _error(f"cannot read capture {exc}")
-            log.error("capture_unreadable", file=name, error=str(exc))
-            status = EXIT_INPUT
-            continue
-        log.info("capture_opened", file=name, format=reader.format)
-        try:
-            with reader:
-                blocks = reader.blocks()
-                for block in blocks:
-                    if len(block) and block.times[0] < pipeline.now - 1.0:
-                        # An older file after a newer one: unrelated captures, not a rotation.
-                        pipeline.close("capture_end")
-                        pipeline.restart_clock()
-                    pipeline.run_blocks(itertools.chain([block], blocks))
-                    break
-        except CaptureError as exc:
-            _error(f"cannot read capture {exc}")
-            log.error("capture_unreadable", file=name, error=str(exc), packets=reader.packets)
-            status = EXIT_INPUT
-        if reader.truncated:
-            log.warning("capture_truncated", file=name, packets=reader.packets)
-            pipeline.warn_active(
-                "capture_truncated",
-                f"{os.path.basename(name)} ends mid-record after {reader.packets} packets",
-            )
-        log.info("capture_done", file=name, packets=reader.packets)
-    pipeline.close("capture_end")
-    stats = pipeline.stats()
-    log.info(
-        "record_finished",
-        frames=stats.frames,
-        rtp_packets=stats.rtp_packets,
-        sip_messages=stats.sip_messages,
-        calls=stats.calls_started,
-        recordings=stats.recordings,
-        drops=stats.drops,
-    )
-    sys.stdout.flush()
-    return status
+    return record(RecordJob(config, tuple(args.captures), out), args.workers)

@@ -40,13 +40,17 @@ from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
 from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError
-from callcap.fastlane import FastLane
+from callcap.fastlane import FastLane, flow_key
 from callcap.logs import RateLimitedDrops
 from callcap.publishing import Outcome, Publisher
-from callcap.recorder import CallRecorder, Publication, Published
+from callcap.recorder import CallRecorder, LossSpan, Publication, Published
+from callcap.sharding import owner_of
 from callcap.storage.audit import AuditLog
 from callcap.storage.layout import spool_dir
 from callcap.storage.spool import SpoolSync
+
+MAX_LOSS_SPANS = 1000
+"""Sensor loss spans kept for the calls in flight (a sidecar lists at most this many)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +75,13 @@ class Pipeline:
         *,
         durable: bool = False,
         on_published: Callable[[Published], None] | None = None,
+        worker: tuple[int, int] = (0, 1),
     ) -> None:
         self.config = config
+        #: (this worker's index, how many workers): the calls this pipeline records are
+        #: those :func:`~callcap.sharding.owner_of` gives to it; it follows all the others'
+        #: signalling and routes too, only to recognise their media and let it pass.
+        self.worker = worker
         self.out_dir = out_dir
         self.log = logger
         self.durable = durable
@@ -89,6 +98,10 @@ class Pipeline:
         )
         self.router = MediaRouter()
         self.recorders: dict[str, CallRecorder] = {}
+        self._foreign: set[str] = set()  # calls in progress that another worker records
+        #: Spans of capture time in which the sensor lost frames (live capture's ring
+        #: overran, an interface was down), shared with every recorder.
+        self.losses: list[LossSpan] = []
         self.drops = RateLimitedDrops(logger, interval_s=config.logging.drop_log_interval_s)
         self.counters: Counter[str] = Counter()
         self._framers: dict[tuple[bytes, int, bytes, int], SipStreamFramer] = {}
@@ -126,6 +139,14 @@ class Pipeline:
                 lane.run_block(block)
         finally:
             self._drain_all()
+
+    def run_live(self, blocks: Iterable[FrameBlock]) -> None:
+        """:meth:`run_blocks` for a live source: what the fast lane queued stays queued
+        (until the next tick, or until it must be placed), so that a wake-up of a few
+        milliseconds' frames does not cost a placement of every call."""
+        lane = self.lane
+        for block in blocks:
+            lane.run_block(block)
 
     def _drain_all(self) -> None:
         """Place everything the fast lane holds, then publish the calls that waited for it."""
@@ -174,22 +195,27 @@ class Pipeline:
             self.counters["rtcp"] += 1  # RTCP multiplexed on the RTP port (RFC 5761)
             return
         recorder = self.recorders.get(call_id)
+        lane = self.lane
+        key = flow_key(dg.src, dg.sport, dg.dst, dg.dport)
+        room = len(lane.flows) < 4 * self.config.calls.max_active_calls
+        endpoints = (dg.src, dg.sport, dg.dst, dg.dport)
         if recorder is None:
-            self.counters["rtp_for_ended_call"] += 1
+            if call_id in self._foreign:
+                self.counters["rtp_other_worker"] += 1
+                if room:  # its next packets are dropped in the lane, a block at a time
+                    lane.learn(key, call_id, None, sender, endpoints)
+            else:
+                self.counters["rtp_for_ended_call"] += 1
             return
         pt, _marker, seq, rts, ssrc, _cc, body = parse_rtp(payload)
-        key = None
-        lane = self.lane
-        if len(dg.src) == 4:
-            key = dg.src + dg.dst + dg.sport.to_bytes(2, "big") + dg.dport.to_bytes(2, "big")
-            flow = lane.flows.get(key)
-            if flow is not None:
-                lane.drain(flow)  # its queued packets came first
+        flow = lane.flows.get(key)
+        if flow is not None:
+            lane.drain(flow)  # its queued packets came first
         self.rtp_packets += 1
         ctx = recorder.stream_for(sender, dg.src, dg.sport, dg.dst, dg.dport, ssrc, ts)
         recorder.push(ctx, ts, pt, seq, rts, body)
-        if key is not None and len(lane.flows) < 4 * self.config.calls.max_active_calls:
-            lane.learn(key, recorder, sender, dg).contexts.setdefault(ssrc, ctx)
+        if room:
+            lane.learn(key, call_id, recorder, sender, endpoints).contexts.setdefault(ssrc, ctx)
 
     # -- SIP --------------------------------------------------------------------------------------
 
@@ -317,8 +343,16 @@ class Pipeline:
             elif isinstance(event, CallEnded):
                 self._end(event)
 
+    def owns(self, call_id: str) -> bool:
+        """Does this worker record ``call_id`` (:mod:`callcap.sharding`)?"""
+        index, count = self.worker
+        return count <= 1 or owner_of(call_id, count) == index
+
     def _start(self, event: CallStarted) -> None:
         call = event.call
+        if not self.owns(call.call_id):
+            self._foreign.add(call.call_id)
+            return
         if len(self.recorders) >= self.config.calls.max_active_calls:
             self.drops.drop("too_many_calls", event.ts)
             return
@@ -329,6 +363,7 @@ class Pipeline:
             durable=self.durable,
             sources=self.sources,
             on_consent=self._consent_decided,
+            losses=self.losses,
         )
         self.recorders[call.call_id] = rec
         self.calls_started += 1
@@ -367,12 +402,13 @@ class Pipeline:
     def _media(self, event: MediaOffered) -> None:
         call_id = event.call.call_id
         rec = self.recorders.get(call_id)
-        if rec is None:
+        if rec is None and call_id not in self._foreign:
             return
-        self.lane.drain_recorder(rec)  # placed under the media description they arrived with
+        self.lane.drain_call(call_id)  # placed under the media description they arrived with
         announced: set[tuple[bytes, int]] = set()
         for md in event.sdp.audio():
-            rec.set_media(event.side, md)
+            if rec is not None:
+                rec.set_media(event.side, md)
             if not self.router.announce(call_id, event.side, md.address, md.port):
                 self.counters["sdp_media_not_routable"] += 1
             elif md.address is not None:
@@ -382,8 +418,9 @@ class Pipeline:
         # Routes changed: forget the fast-lane flows they may affect (this call's, and any
         # other call's flow through an address this call now claims); they re-learn from
         # the router on their next packet.
-        self.lane.forget_routes(rec, announced)
-        self._checkpoint(rec, event.ts)
+        self.lane.forget_routes(call_id, announced)
+        if rec is not None:
+            self._checkpoint(rec, event.ts)
 
     def _end(self, event: CallEnded) -> None:
         """A call ended: its media is no longer routed, and it is published once the fast
@@ -392,9 +429,11 @@ class Pipeline:
         call = event.call
         rec = self.recorders.pop(call.call_id, None)
         self.router.forget_call(call.call_id)
+        waiting = self.lane.close_call(call.call_id)
         if rec is None:
+            self._foreign.discard(call.call_id)
             return
-        if self.lane.close_recorder(rec) or self._ending:
+        if waiting or self._ending:
             self._ending.append((rec, event))
         else:
             self._finish(rec, event)
@@ -516,6 +555,16 @@ class Pipeline:
         self._publisher.shutdown()
         self._spool_sync.close()
         self.drops.flush(when)
+
+    def capture_loss(self, start: float, end: float, reason: str) -> None:
+        """The capture lost frames between capture times ``start`` and ``end``: the gaps
+        of calls in flight that fall inside are marked as the sensor's in their sidecars."""
+        losses = self.losses
+        losses.append((start, max(start, end), reason))
+        if len(losses) > MAX_LOSS_SPANS or len(losses) % 64 == 0:
+            # spans that ended before every call in flight began concern no call any more
+            oldest = min((rec.call.start for rec in self.recorders.values()), default=end)
+            losses[:] = [span for span in losses if span[1] >= oldest][-MAX_LOSS_SPANS:]
 
     def warn_active(self, code: str, detail: str) -> None:
         """Attach a warning to every call in flight (e.g. the capture file was cut short)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +74,13 @@ INBAND_LAG = 150 * TIMELINE_RATE // 1000
 #: missing only once the input is complete this long past the deadline, so a key pressed
 #: just before it still counts.
 KEY_GRACE_S = 1.0
+
+
+#: A span of capture time in which the sensor lost frames: (start, end, reason).
+LossSpan = tuple[float, float, str]
+#: A gap is the sensor's when it lies within this many samples of a loss span (a span's
+#: ends are frame times; a gap starts where the packet before it ended).
+LOSS_SLACK = 2 * 160
 
 
 class PayloadKind:
@@ -208,8 +215,12 @@ class CallRecorder:
         durable: bool = False,
         sources: tuple[str, ...] = (),
         on_consent: Callable[[CallRecorder, ConsentDecision], None] | None = None,
+        losses: Sequence[LossSpan] = (),
     ) -> None:
         self.call = call
+        #: Capture-time spans in which the sensor itself lost frames (the pipeline's list,
+        #: appended to as the capture reports them): gaps inside them are the sensor's.
+        self.losses = losses
         self.config = config
         self.out_dir = out_dir
         self.durable = durable
@@ -900,18 +911,25 @@ class CallRecorder:
                 "sha256": None,
                 "bytes": None,
             }
-        streams = [
-            self._stream_doc(ctx)
+        described = [
+            (ctx, self._stream_doc(ctx))
             for ctx in sorted(self.streams.values(), key=lambda c: c.stream.first_arrival)
             if ctx.stream.stats.packets
         ]
+        losses = self._loss_spans()
+        merged = _merge_gaps(self.gaps)
         gaps = [
             {
                 "side": side,
                 "from_s": round(a / TIMELINE_RATE, 3),
                 "to_s": round(b / TIMELINE_RATE, 3),
+                "capture_loss": _overlaps(losses, a, b),
             }
-            for side, a, b in _merge_gaps(self.gaps)
+            for side, a, b in merged
+        ]
+        streams = [
+            {**doc, "capture_loss": self._stream_lost_in_capture(ctx, merged, losses)}
+            for ctx, doc in described
         ]
         return {
             "schema_version": SCHEMA_VERSION,
@@ -936,6 +954,14 @@ class CallRecorder:
             "streams": streams,
             "gaps": gaps,
             "gaps_omitted": self.gaps_omitted,
+            "capture_loss": [
+                {
+                    "from_s": round(a / TIMELINE_RATE, 3),
+                    "to_s": round(b / TIMELINE_RATE, 3),
+                    "reason": reason,
+                }
+                for a, b, reason in losses
+            ],
             "dtmf": self.dtmf,
             "pauses": [
                 {
@@ -950,6 +976,39 @@ class CallRecorder:
             "warnings": list(self.warnings),
             "recorder": {"name": "callcap", "version": __version__},
         }
+
+    def _loss_spans(self) -> list[tuple[int, int, str]]:
+        """The sensor's loss spans that touch this call's timeline, in timeline samples
+        (clipped to it; the recording's own span when it has no audio yet)."""
+        if not self.losses or self.origin is None:
+            return []
+        origin = self.origin
+        last = max(self.written, round((self._clock - origin) * TIMELINE_RATE))
+        spans = []
+        for start, end, reason in self.losses:
+            a = max(0, round((start - origin) * TIMELINE_RATE))
+            b = min(last, round((end - origin) * TIMELINE_RATE))
+            if b >= a and end >= origin:
+                spans.append((a, b, reason))
+        return spans
+
+    @staticmethod
+    def _stream_lost_in_capture(
+        ctx: _StreamContext,
+        gaps: list[tuple[str, int, int]],
+        losses: list[tuple[int, int, str]],
+    ) -> bool:
+        """Did the sensor lose packets of this stream: a gap on its side, while it was
+        sending, inside a loss span?"""
+        if not losses:
+            return False
+        s = ctx.stream
+        first = round((s.first_arrival - s.origin) * TIMELINE_RATE)
+        last = round((s.last_arrival - s.origin) * TIMELINE_RATE)
+        return any(
+            side == s.side and b >= first and a <= last and _overlaps(losses, a, b)
+            for side, a, b in gaps
+        )
 
     def _stream_doc(self, ctx: _StreamContext) -> dict[str, Any]:
         s = ctx.stream
@@ -1016,6 +1075,10 @@ def _placement(items: list[tuple[int, npt.NDArray[np.int16]]], start: int) -> _P
         index = index[keep]
         samples = samples[keep]
     return index, samples
+
+
+def _overlaps(spans: list[tuple[int, int, str]], a: int, b: int) -> bool:
+    return any(a <= end + LOSS_SLACK and b >= start - LOSS_SLACK for start, end, _r in spans)
 
 
 def _merge_gaps(gaps: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:

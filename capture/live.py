@@ -1,146 +1,134 @@
-"""Live capture from interfaces through Linux ``AF_PACKET`` sockets with a kernel BPF filter.
+"""Live capture from interfaces: blocks of frames from TPACKET_V3 rings, drops told honestly.
 
-Frames come off the socket as raw bytes and go through the same decoders as capture files:
-no per-packet scapy dissection.  scapy compiles the filter expression (libpcap's grammar) into
-BPF bytecode and attaches it, so the kernel drops everything that is not SIP or media before
-it ever reaches Python.
+One ring socket per configured interface (:mod:`callcap.capture.ring`); ``any`` is one
+socket bound to every interface.  :meth:`LiveCapture.poll` waits for the kernel to hand over
+blocks and returns them as :class:`~callcap.capture.block.FrameBlock` s, the unit the
+pipeline's fast lane works on; each frame's link type comes from its interface's hardware
+type, so a box with Ethernet, VLAN trunks and tunnels mixes them safely.  On loopback the
+kernel shows every packet twice (outgoing and incoming): the outgoing copy is dropped, as
+libpcap does.
 
-One socket per configured interface; ``any`` is one socket bound to every interface.  Each
-frame's link type comes from the interface's hardware type, so a box with Ethernet, VLAN
-trunks and tunnels mixes them safely.  On loopback the kernel shows every packet twice
-(outgoing and incoming): the outgoing copy is dropped, as libpcap does.
+Besides frames, a live source reports what a capture file never has to:
+
+- **Kernel drops** (``tpacket_stats_v3``): the ring was full, frames were lost in the
+  sensor.  Each socket's counters are read after every wake-up; drops open an *overrun*,
+  which ends at the first read without new drops.  The time span in which frames can have
+  been lost — from the last frame before the ring filled to the first frame after it had
+  room again — is a :class:`LossWindow`, so that the recorder can tell a gap caused by the
+  sensor from one caused by the network.
+- **Interfaces going down and coming back** (``ip link set … down/up``, a cable pulled, a
+  veth or VLAN re-created): the socket reports ``ENETDOWN``; capture goes on by itself when
+  the link is back (the kernel re-attaches a bound socket on ``NETDEV_UP``; an interface
+  re-created under the same name gets a new socket).  The outage is a loss window too.
 """
 
 from __future__ import annotations
 
-import select
+import errno
 import socket
-import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from callcap.capture.block import FrameBlock
+from callcap.capture.ring import (
+    BlockReport,
+    RingSocket,
+    RingSpec,
+    can_capture,
+    interface_is_up,
+    wait_readable,
+)
 from callcap.errors import CaptureError
 
-ETH_P_ALL = 0x0003
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP = 1
-PACKET_MR_PROMISC = 1
-PACKET_STATISTICS = 6
-PACKET_OUTGOING = 4
-SO_RCVBUF = socket.SO_RCVBUF
-SO_TIMESTAMPNS = 35  # asm-generic/socket.h; also the SCM_ type of the ancillary message
-_TIMESPEC = struct.Struct("=qq")
-_ANC_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
-_TPACKET_STATS = struct.Struct("=II")
-_MREQ = struct.Struct("=IHH8s")
-
-DLT_EN10MB = 1
-DLT_RAW = 101
-DLT_LINUX_SLL = 113
-
-# ARPHRD_* (linux/if_arp.h) → how the frame begins on an AF_PACKET SOCK_RAW socket.
-_ARPHRD_LINKTYPE = {
-    1: DLT_EN10MB,  # ARPHRD_ETHER
-    772: DLT_EN10MB,  # ARPHRD_LOOPBACK: Linux gives loopback a zeroed Ethernet header
-    65534: DLT_RAW,  # ARPHRD_NONE: tun devices, WireGuard
-    778: DLT_RAW,  # ARPHRD_IPGRE
-    776: DLT_RAW,  # ARPHRD_SIT
-    768: DLT_RAW,  # ARPHRD_TUNNEL
-    769: DLT_RAW,  # ARPHRD_TUNNEL6
-    512: DLT_RAW,  # ARPHRD_PPP
-}
-_LOOPBACK_HATYPE = 772
-
-
-def build_filter(sip_ports: Sequence[int], rtp_port_range: tuple[int, int] | None) -> str:
-    """The BPF expression for SIP and media, also inside VLAN tags and for IP fragments.
-
-    Non-first IP fragments carry no UDP header, so they are let through by their fragment
-    fields (IPv4 offset/MF, IPv6 fragment header) and reassembled in user space.
-    """
-    ports = " or ".join(f"port {p}" for p in sorted(set(sip_ports)))
-    udp = (
-        "udp"
-        if rtp_port_range is None
-        else f"(udp and (portrange {rtp_port_range[0]}-{rtp_port_range[1]} or {ports}))"
-    )
-    core = f"{udp} or (tcp and ({ports})) or (ip[6:2] & 0x3fff != 0) or (ip6 and ip6[6] == 44)"
-    return f"({core}) or (vlan and ({core}))"
+#: Blocks taken from one socket per wake-up before the others get their turn.
+MAX_BLOCKS_PER_POLL = 16
+#: While an interface is down, how often to look whether it is back (or was re-created).
+RECHECK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
-class SocketStats:
-    received: int
-    dropped: int
+class LossWindow:
+    """Capture time ``start``..``end`` (seconds, kernel clock) in which frames were lost in
+    the sensor: ``reason`` is ``overrun`` (the ring was full) or ``interface_down``."""
+
+    interface: str
+    start: float
+    end: float
+    reason: str
+    frames: int | None = None  # frames the kernel counted as dropped, when it knows
 
 
-class _Socket:
-    __slots__ = ("interface", "sock")
+@dataclass(frozen=True, slots=True)
+class CaptureEvent:
+    """Something to log about the capture itself (not about a call).
 
-    def __init__(self, interface: str, bpf: str | None, promiscuous: bool, bufsize: int) -> None:
-        self.interface = interface
-        try:
-            sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        except PermissionError as exc:
-            raise CaptureError(
-                f"{interface}: capturing needs CAP_NET_RAW ({exc.strerror})"
-            ) from exc
-        except OSError as exc:
-            raise CaptureError(
-                f"{interface}: cannot open a packet socket ({exc.strerror})"
-            ) from exc
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUF, bufsize)
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-            if bpf:
-                _attach_filter(sock, bpf)
-            if interface != "any":  # an unbound packet socket hears every interface
-                sock.bind((interface, ETH_P_ALL))
-            if promiscuous and interface != "any":
-                index = socket.if_nametoindex(interface)
-                mreq = _MREQ.pack(index, PACKET_MR_PROMISC, 0, b"\x00" * 8)
-                sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise CaptureError(f"{interface}: {exc.strerror or exc}") from exc
-        self.sock = sock
-
-    def stats(self) -> SocketStats:
-        """Kernel counters since the last call (PACKET_STATISTICS resets them on read)."""
-        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS.size)
-        received, dropped = _TPACKET_STATS.unpack(raw)
-        return SocketStats(received, dropped)
-
-
-def _attach_filter(sock: socket.socket, expression: str) -> None:
-    """Compile with libpcap (through scapy) for Ethernet framing and attach to the socket.
-
-    Compiling for a fixed link type needs no interface and no privileges; every socket here
-    is a SOCK_RAW packet socket whose frames start with an Ethernet header (loopback
-    included), which is what the filter offsets assume.
+    ``kind``: ``overrun_started``, ``overrun_ended`` (``dropped``: frames lost in it,
+    ``freezes``: times the ring was found full), ``interface_down``, ``interface_up``
+    (``outage_s``), ``interface_reopened``, ``block_corrupt`` (``detail``).
     """
-    try:
-        from scapy.arch.common import compile_filter
-        from scapy.arch.linux import SO_ATTACH_FILTER, free_filter  # type: ignore[attr-defined]
-        from scapy.libs.structures import sock_fprog
-    except ImportError as exc:  # pragma: no cover - scapy is a dependency
-        raise CaptureError(f"cannot compile BPF filter: {exc}") from exc
-    try:
-        program = compile_filter(expression, linktype=DLT_EN10MB)
-    except Exception as exc:  # scapy raises its own types for libpcap errors
-        raise CaptureError(f"cannot compile BPF filter {expression!r}: {exc}") from exc
-    try:
-        sock.setsockopt(
-            socket.SOL_SOCKET, SO_ATTACH_FILTER, sock_fprog(program.bf_len, program.bf_insns)
-        )
-    finally:
-        free_filter(program)
+
+    kind: str
+    interface: str
+    dropped: int = 0
+    freezes: int = 0
+    outage_s: float | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureStats:
+    """Counters since the capture opened (``kernel_*`` straight from the kernel's)."""
+
+    frames: int  # frames handed to the pipeline
+    kernel_packets: int  # frames the kernel filter passed (dropped ones included)
+    kernel_dropped: int  # frames lost because a ring was full
+    kernel_freezes: int  # times a ring was found full
+    truncated: int  # frames cut short by the snap length or the ring's frame space, skipped
+    corrupt_blocks: int  # ring blocks whose header or frame chain was out of bounds
+    blocks: int
+
+
+@dataclass(slots=True)
+class _Source:
+    """One interface's ring socket and what the capture knows about its state."""
+
+    interface: str
+    ring: RingSocket | None
+    last_ts: float | None = None  # newest frame taken
+    down_since: float | None = None  # kernel time of the last frame before ENETDOWN
+    down_at: float | None = None  # monotonic time the outage was noticed
+    down_wall: float | None = None  # wall-clock time the outage was noticed
+    next_check: float = 0.0
+    overrun_dropped: int = 0  # frames lost in the overrun in progress
+    overrun_freezes: int = 0
+    loss_from: float | None = None  # a loss window waiting for its first frame after
+    loss_reason: str = "overrun"
+    loss_frames: int = 0
+
+
+@dataclass(slots=True)
+class _Totals:
+    frames: int = 0
+    kernel_packets: int = 0
+    kernel_dropped: int = 0
+    kernel_freezes: int = 0
+    truncated: int = 0
+    corrupt_blocks: int = 0
+    blocks: int = 0
+
+
+@dataclass(slots=True)
+class Polled:
+    """One wake-up's worth: blocks in capture order per socket, and what happened."""
+
+    blocks: list[FrameBlock] = field(default_factory=list)
+    events: list[CaptureEvent] = field(default_factory=list)
+    losses: list[LossWindow] = field(default_factory=list)
 
 
 class LiveCapture:
-    """Frames from one or more interfaces, as ``(ts, linktype, frame)`` like a capture file."""
+    """Blocks of frames from one or more interfaces, through TPACKET_V3 rings."""
 
     def __init__(
         self,
@@ -149,61 +137,210 @@ class LiveCapture:
         bpf: str | None = None,
         promiscuous: bool = False,
         snaplen: int = 65535,
-        bufsize: int = 32 * 1024 * 1024,
+        ring: RingSpec | None = None,
     ) -> None:
         if not interfaces:
             raise CaptureError("no interface to capture on")
         self.snaplen = snaplen
         self.bpf = bpf
-        self._sockets: list[_Socket] = []
+        self.promiscuous = promiscuous
+        self.spec = ring or RingSpec()
+        self._sources: list[_Source] = []
+        self._totals = _Totals()
         try:
             for name in interfaces:
-                self._sockets.append(_Socket(name, bpf, promiscuous, bufsize))
+                self._sources.append(_Source(name, self._open(name)))
         except CaptureError:
             self.close()
             raise
-        self.received = 0
-        self.dropped = 0
+
+    def _open(self, name: str) -> RingSocket:
+        return RingSocket(name, self.spec, self.bpf, self.promiscuous, self.snaplen)
 
     @property
     def interfaces(self) -> list[str]:
-        return [s.interface for s in self._sockets]
+        return [s.interface for s in self._sources]
 
-    def poll(self, timeout: float, max_frames: int = 4096) -> list[tuple[float, int, bytes]]:
-        """Frames ready within ``timeout`` seconds (at most ``max_frames``; empty on timeout)."""
-        socks = [s.sock for s in self._sockets]
-        try:
-            ready, _, _ = select.select(socks, [], [], timeout)
-        except InterruptedError:
-            return []
-        frames: list[tuple[float, int, bytes]] = []
-        snaplen = self.snaplen
-        for sock in ready:
-            while len(frames) < max_frames:
-                try:
-                    data, ancdata, _flags, addr = sock.recvmsg(snaplen, _ANC_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    break
-                # addr = (ifname, proto, pkttype, hatype, hwaddr)
-                if addr[2] == PACKET_OUTGOING and addr[3] == _LOOPBACK_HATYPE:
+    def poll(self, timeout: float) -> Polled:
+        """What the kernel hands over within ``timeout`` seconds (nothing on timeout)."""
+        out = Polled()
+        live = [s.ring for s in self._sources if s.ring is not None and s.down_since is None]
+        ready = wait_readable(live, timeout) if live else _sleep(timeout)
+        by_ring = {id(r): ev for r, ev in ready}
+        mono = time.monotonic()
+        for source in self._sources:
+            ring = source.ring
+            if ring is None or source.down_since is not None:
+                self._check_down(source, mono, out)
+                ring = source.ring
+                if ring is None or source.down_since is not None:
                     continue
-                ts = _kernel_time(ancdata)
-                linktype = _ARPHRD_LINKTYPE.get(addr[3], DLT_EN10MB)
-                frames.append((ts, linktype, data))
-        return frames
+            if id(ring) in by_ring:
+                error = ring.pending_error()
+                if error in (errno.ENETDOWN, errno.ENXIO, errno.ENODEV):
+                    self._take(source, ring, out)  # frames captured before the link went down
+                    self._went_down(source, mono, out)
+                    continue
+            self._take(source, ring, out)
+        return out
 
-    def stats(self) -> SocketStats:
-        """Cumulative kernel counters of all sockets: packets the filter passed, packets dropped."""
-        for s in self._sockets:
-            delta = s.stats()
-            self.received += delta.received
-            self.dropped += delta.dropped
-        return SocketStats(self.received, self.dropped)
+    def _take(self, source: _Source, ring: RingSocket, out: Polled) -> None:
+        totals = self._totals
+        before = source.last_ts
+        losing_at: tuple[float | None, float] | None = None  # (last before, first in)
+        for block, report in ring.take(MAX_BLOCKS_PER_POLL):
+            totals.blocks += 1
+            totals.truncated += report.truncated
+            if report.corrupt is not None:
+                totals.corrupt_blocks += 1
+                out.events.append(
+                    CaptureEvent("block_corrupt", source.interface, detail=report.corrupt[:200])
+                )
+            if report.first_ts is not None:
+                if source.loss_from is not None:
+                    self._close_loss(source, block, report, out)
+                if report.losing and losing_at is None:
+                    losing_at = (source.last_ts, report.first_ts)
+                if report.last_ts is not None:
+                    source.last_ts = report.last_ts
+            if len(block):
+                totals.frames += len(block)
+                out.blocks.append(block)
+        self._read_stats(source, ring, before, losing_at, out)
+
+    @staticmethod
+    def _close_loss(source: _Source, block: FrameBlock, report: BlockReport, out: Polled) -> None:
+        """End the waiting loss window at the block's first frame — or, after an outage, at
+        its first frame captured after the outage was noticed: the last frames before the
+        link went down sit in a block the kernel may retire only after that."""
+        start = source.loss_from
+        end = report.first_ts
+        wall = source.down_wall if source.loss_reason == "interface_down" else None
+        if start is None or end is None:
+            return
+        if wall is not None and end <= wall:
+            times = block.times
+            earlier = times[times <= wall]
+            if len(earlier):
+                start = max(start, float(earlier.max()))
+            if report.last_ts is not None and report.last_ts <= wall:
+                start = max(start, report.last_ts)
+            later = times[times > wall]
+            if not len(later):
+                source.loss_from = start  # all from before the outage: still waiting
+                return
+            end = float(later.min())
+        out.losses.append(
+            LossWindow(source.interface, start, end, source.loss_reason, source.loss_frames or None)
+        )
+        source.loss_from = None
+        source.loss_frames = 0
+        source.down_wall = None
+
+    def _read_stats(
+        self,
+        source: _Source,
+        ring: RingSocket,
+        before: float | None,
+        losing_at: tuple[float | None, float] | None,
+        out: Polled,
+    ) -> None:
+        try:
+            stats = ring.stats()
+        except OSError:
+            return
+        totals = self._totals
+        totals.kernel_packets += stats.packets
+        totals.kernel_dropped += stats.drops
+        totals.kernel_freezes += stats.freezes
+        if stats.drops:
+            if not source.overrun_dropped:
+                out.events.append(CaptureEvent("overrun_started", source.interface))
+            source.overrun_dropped += stats.drops
+            source.overrun_freezes += stats.freezes
+            if losing_at is not None:
+                start = losing_at[0] if losing_at[0] is not None else losing_at[1]
+                out.losses.append(
+                    LossWindow(source.interface, start, losing_at[1], "overrun", stats.drops)
+                )
+            else:
+                # The kernel lost frames after the newest frame taken: the window ends at
+                # the first frame it hands over next.
+                since = source.last_ts if source.last_ts is not None else before
+                if since is not None and source.loss_from is None:
+                    source.loss_from = since
+                    source.loss_reason = "overrun"
+                source.loss_frames += stats.drops
+        elif source.overrun_dropped and source.loss_from is None:
+            out.events.append(
+                CaptureEvent(
+                    "overrun_ended",
+                    source.interface,
+                    dropped=source.overrun_dropped,
+                    freezes=source.overrun_freezes,
+                )
+            )
+            source.overrun_dropped = 0
+            source.overrun_freezes = 0
+
+    def _went_down(self, source: _Source, mono: float, out: Polled) -> None:
+        source.down_since = source.last_ts if source.last_ts is not None else time.time()
+        source.down_at = mono
+        source.down_wall = time.time()
+        source.next_check = mono + RECHECK_S / 4
+        out.events.append(CaptureEvent("interface_down", source.interface))
+
+    def _check_down(self, source: _Source, mono: float, out: Polled) -> None:
+        """An interface that went down (or a socket that could not be reopened): back yet?"""
+        if mono < source.next_check:
+            return
+        source.next_check = mono + RECHECK_S
+        name = source.interface
+        up = interface_is_up(name)
+        if not up:
+            return
+        ring = source.ring
+        try:
+            index = socket.if_nametoindex(name)
+        except OSError:
+            return
+        if ring is None or (ring.ifindex and ring.ifindex != index):
+            # Re-created under the same name: the old socket is bound to an index that is gone.
+            if ring is not None:
+                ring.close()
+                source.ring = None
+            try:
+                source.ring = self._open(name)
+            except CaptureError as exc:
+                out.events.append(CaptureEvent("interface_reopen_failed", name, detail=str(exc)))
+                return
+            out.events.append(CaptureEvent("interface_reopened", name))
+        if source.down_since is not None:
+            outage = mono - (source.down_at if source.down_at is not None else mono)
+            out.events.append(CaptureEvent("interface_up", name, outage_s=round(outage, 3)))
+            source.loss_from = source.down_since
+            source.loss_reason = "interface_down"
+            source.down_since = None
+            source.down_at = None
+
+    def stats(self) -> CaptureStats:
+        t = self._totals
+        return CaptureStats(
+            frames=t.frames,
+            kernel_packets=t.kernel_packets,
+            kernel_dropped=t.kernel_dropped,
+            kernel_freezes=t.kernel_freezes,
+            truncated=t.truncated,
+            corrupt_blocks=t.corrupt_blocks,
+            blocks=t.blocks,
+        )
 
     def close(self) -> None:
-        for s in self._sockets:
-            s.sock.close()
-        self._sockets.clear()
+        for s in self._sources:
+            if s.ring is not None:
+                s.ring.close()
+                s.ring = None
+        self._sources.clear()
 
     def __enter__(self) -> LiveCapture:
         return self
@@ -212,24 +349,17 @@ class LiveCapture:
         self.close()
 
 
-def _kernel_time(ancdata: list[tuple[int, int, bytes]]) -> float:
-    """The kernel's receive timestamp (SO_TIMESTAMPNS), not the time Python got round to it."""
-    for level, kind, value in ancdata:
-        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= _TIMESPEC.size:
-            sec: int
-            nsec: int
-            sec, nsec = _TIMESPEC.unpack_from(value)
-            return sec + nsec * 1e-9
-    return time.time()
+def _sleep(timeout: float) -> list[tuple[RingSocket, int]]:
+    time.sleep(max(0.0, min(timeout, RECHECK_S)))
+    return []
 
 
-def can_capture() -> bool:
-    """True if this process may open packet sockets (root or CAP_NET_RAW)."""
-    try:
-        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)).close()
-    except OSError:
-        return False
-    return True
-
-
-__all__ = ["LiveCapture", "SocketStats", "build_filter", "can_capture"]
+__all__ = [
+    "CaptureEvent",
+    "CaptureStats",
+    "LiveCapture",
+    "LossWindow",
+    "Polled",
+    "RingSpec",
+    "can_capture",
+]

@@ -105,6 +105,35 @@ def _port_range(value: tuple[int, int] | None) -> str | None:
     return None if low <= high else f"low port must not exceed high port, got [{low}, {high}]"
 
 
+def _ring_block(value: int) -> str | None:
+    if value < 4096 or value > 1 << 28 or value & (value - 1):
+        return f"must be a power of two from 4096 to 268435456 bytes, got {value}"
+    return None
+
+
+def _workers(value: int | None) -> str | None:
+    if value is None or 1 <= value <= 64:
+        return None
+    return f"must be between 1 and 64 (or null: one per available core), got {value}"
+
+
+@dataclass(frozen=True, slots=True)
+class RingConfig:
+    """The memory-mapped ring each live capture socket receives into (TPACKET_V3).
+
+    The kernel fills one block at a time and hands it over when it is full or
+    ``retire_timeout_ms`` after its first frame; the ring (``blocks`` × ``block_size``)
+    is what absorbs the recorder's pauses: when every block is waiting to be read, the
+    kernel drops frames (counted, logged as ``capture_overrun``).  A G.711 call is about
+    100 frames/s of some 300 bytes in the ring: 2,000 calls fill 60 MB/s, so the default
+    64 MiB ring holds a second of them per worker.
+    """
+
+    block_size: int = field(default=1 << 20, metadata={"check": _ring_block})
+    blocks: int = field(default=64, metadata={"check": (2, 65536)})
+    retire_timeout_ms: int = field(default=20, metadata={"check": (1, 1000)})
+
+
 @dataclass(frozen=True, slots=True)
 class CaptureConfig:
     """What to sniff and what to treat as SIP."""
@@ -122,6 +151,10 @@ class CaptureConfig:
     #: Live BPF filter: ``None`` captures all UDP; else the inclusive ``[low, high]`` ports.
     rtp_port_range: tuple[int, int] | None = field(default=None, metadata={"check": _port_range})
     snaplen: int = field(default=65535, metadata={"check": (64, 262144)})
+    ring: RingConfig = field(default_factory=RingConfig)
+    #: Live daemon: recording processes; each records the calls whose Call-ID falls to it
+    #: (:mod:`callcap.sharding`).  ``None``: one per available core, at most 8.
+    workers: int | None = field(default=None, metadata={"check": _workers})
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ the pipe never fills while the test waits on something else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,6 +127,22 @@ class RunningDaemon:
         for t in self._threads:
             t.join(timeout=5)
         return code
+
+    def workers(self) -> list[int]:
+        """PIDs of the daemon's worker processes (its children)."""
+        pid = self.proc.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+        """``sig`` to the master and every worker at once, as systemd kills a unit's
+        control group (a crash of the whole service, an OOM kill, a power cut)."""
+        for pid in [*self.workers(), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

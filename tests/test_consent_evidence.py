@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from callgen import RATE, T0, Call, tone, write_pcap
+from conftest import corpus_dir
 from recorded_archive import RETENTION_CONFIG, callcap
 from test_pci_pause import events, key_tone, place, voice
 from test_recording_pipeline import outputs, record
@@ -29,7 +30,6 @@ from callcap.codecs.inband import InbandDtmfDetector
 from callcap.config.loader import load_config_text
 from callcap.logs import get_logger
 from callcap.pipeline import Pipeline
-from conftest import corpus_dir
 
 CORPUS = corpus_dir()
 

@@ -90,7 +90,7 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
             answered = time.monotonic()
             time.sleep(max(0.0, answered + kill_at - time.monotonic()))
             assert daemon.proc.poll() is None
-            daemon.proc.send_signal(signal.SIGKILL)
+            daemon.kill_all(signal.SIGKILL)
             daemon.proc.wait(timeout=10)
             call.join(timeout=60)
         finally:

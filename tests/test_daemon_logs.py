@@ -65,21 +65,27 @@ def test_capture_stats_reports_packets_kernel_counters_calls_and_rss(
     try:
         daemon.wait_ready()
         _send_options(netns, 25)
-        stats = daemon.wait_event("capture_stats", where=lambda e: e["packets"] >= 25)
+        stats = daemon.wait_event("capture_stats", where=lambda e: e["packets_total"] >= 25)
         time.sleep(0.2)
         assert daemon.stop() == 0, daemon.stderr[-2000:]
     finally:
         daemon.close()
     # each datagram is counted once (loopback's outgoing copy is skipped); the kernel's
     # socket counter sees both copies
-    assert stats["packets"] == stats["sip_messages"] == 25
-    assert stats["kernel_received"] == 50
-    assert stats["kernel_dropped"] == 0
+    assert stats["packets_total"] == stats["sip_messages_total"] == 25
+    assert stats["kernel_received_total"] == 50
+    assert stats["kernel_dropped_total"] == stats["kernel_dropped_interval"] == 0
+    assert stats["kernel_freezes_total"] == 0
     assert stats["active_calls"] == 0
+    assert stats["workers"] >= 1
     assert 5 < stats["rss_mb"] < 2000
     assert stats["level"] == "info"
-    final = [e for e in daemon.events() if e["event"] == "capture_stats"][-1]
-    assert final["kernel_received"] >= stats["kernel_received"]  # cumulative, not reset
+    every = [e for e in daemon.events() if e["event"] == "capture_stats"]
+    final = every[-1]
+    assert final["kernel_received_total"] >= stats["kernel_received_total"]  # cumulative
+    # the interval counts add up to the running totals
+    assert sum(e["packets_interval"] for e in every) == final["packets_total"] == 25
+    assert sum(e["kernel_received_interval"] for e in every) == final["kernel_received_total"]
 
 
 def test_console_log_format_prints_readable_lines(tmp_path: Path, netns: str) -> None:

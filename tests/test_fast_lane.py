@@ -7,9 +7,13 @@ stream exactly as ``RtpStream.push`` would, or untouched when it turns a run dow
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
+import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,18 @@ from callgen import CALLEE_IP, CALLER_IP, T0, Call, sdp, tone, write_pcap
 from workload import write_workload
 
 from callcap.capture.block import batched
+from callcap.capture.link import (
+    DLT_EN10MB,
+    DLT_LINUX_SLL,
+    DLT_LINUX_SLL2,
+    DLT_RAW,
+    DLT_RAW_12,
+    DLT_RAW_14,
+    ETH_IPV4,
+    ETH_IPV6,
+    LINKTYPE_IPV4,
+    LINKTYPE_IPV6,
+)
 from callcap.capture.pcapfile import CaptureReader
 from callcap.capture.stream import RtpStream, place_runs
 from callcap.config.loader import load_config
@@ -44,12 +60,17 @@ def _record(
             for ts, linktype, frame in reader:
                 pipeline.feed(ts, linktype, frame)
     pipeline.close("capture_end")
+    return pipeline, _outputs(out)
+
+
+def _outputs(out: Path) -> dict[str, tuple[dict[str, Any], bytes]]:
+    """Every recording under ``out``: Call-ID → (sidecar, audio bytes)."""
     result = {}
     for sidecar in sorted(out.rglob("*.json")):
         doc = json.loads(sidecar.read_text())
         audio, _rate = soundfile.read(sidecar.with_suffix(".wav"), dtype="int16")
         result[doc["call_id"]] = (doc, audio.tobytes())
-    return pipeline, result
+    return result
 
 
 @pytest.mark.parametrize(
@@ -340,3 +361,381 @@ def test_a_bug_while_placing_costs_those_frames_not_the_run(
     assert len(result) == len(info.calls)
     for doc, _audio in result.values():
         assert doc["audio"] is not None
+
+
+# -- other link layers, IPv6 -----------------------------------------------------------------------
+#
+# The captures above are untagged Ethernet / IPv4.  The lane also reads VLAN tags (one or two),
+# Linux cooked headers (SLL, SLL2), raw IP and IPv6: the same calls rewritten to each must be
+# recorded exactly as ``feed`` records them, and mostly by the lane.
+
+_MACS = bytes.fromhex("020000000002020000000001")  # destination, source
+_SLL_ADDRESS = _MACS[6:] + bytes(2)  # the sender's MAC padded to SLL's 8 address bytes
+_PCAP_UNITS = {b"\xd4\xc3\xb2\xa1": 10**6, b"\x4d\x3c\xb2\xa1": 10**9}  # little-endian magics
+_IPV4_TEXT = re.compile(rb"\b10\.\d{1,3}\.\d{1,3}\.\d{1,3}\b")
+
+# An IP packet (with its EtherType-space protocol) → the frame carrying it on a link
+Wrap = Callable[[int, bytes], bytes]
+# An Ethernet frame's IPv4 packet → (protocol, the packet to carry instead)
+Convert = Callable[[bytes], tuple[int, bytes]]
+
+
+def _tagged(*tpids: int) -> Wrap:
+    """Ethernet with a VLAN tag per TPID, outermost first."""
+    tags = b"".join(struct.pack("!HH", tpid, 100 + i) for i, tpid in enumerate(tpids))
+    return lambda etype, ip: _MACS + tags + struct.pack("!H", etype) + ip
+
+
+def _sll(etype: int, ip: bytes) -> bytes:
+    # packet type (0: to us), ARPHRD_ETHER, address length, address, protocol
+    return struct.pack("!HHH8sH", 0, 1, 6, _SLL_ADDRESS, etype) + ip
+
+
+def _sll2(etype: int, ip: bytes) -> bytes:
+    # protocol, reserved, interface index, ARPHRD_ETHER, packet type, address length, address
+    return struct.pack("!HHIHBB8s", etype, 0, 3, 1, 0, 6, _SLL_ADDRESS) + ip
+
+
+def _bare(etype: int, ip: bytes) -> bytes:
+    return ip
+
+
+# name → (link type for IPv4, link type for IPv6, wrapper)
+_LINKS: dict[str, tuple[int, int, Wrap]] = {
+    "ethernet": (DLT_EN10MB, DLT_EN10MB, _tagged()),
+    "vlan": (DLT_EN10MB, DLT_EN10MB, _tagged(0x8100)),
+    "qinq": (DLT_EN10MB, DLT_EN10MB, _tagged(0x88A8, 0x8100)),
+    "qinq-9100": (DLT_EN10MB, DLT_EN10MB, _tagged(0x9100, 0x9200)),
+    "sll": (DLT_LINUX_SLL, DLT_LINUX_SLL, _sll),
+    "sll2": (DLT_LINUX_SLL2, DLT_LINUX_SLL2, _sll2),
+    "raw": (DLT_RAW, DLT_RAW, _bare),
+    "raw12": (DLT_RAW_12, DLT_RAW_12, _bare),
+    "raw14": (DLT_RAW_14, DLT_RAW_14, _bare),
+    "raw-family": (LINKTYPE_IPV4, LINKTYPE_IPV6, _bare),  # 228 / 229
+}
+
+
+def _checksum(header: bytes) -> int:
+    total: int = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _v6(addr: bytes) -> ipaddress.IPv6Address:
+    """10.a.b.c → fd00::a:b:c."""
+    assert len(addr) == 4 and addr[0] == 10
+    return ipaddress.IPv6Address(b"\xfd\x00" + bytes(8) + struct.pack("!HHH", *addr[1:]))
+
+
+def _v6_text(match: re.Match[bytes]) -> bytes:
+    return str(_v6(bytes(int(part) for part in match[0].split(b".")))).encode()
+
+
+def _sip_to_ipv6(text: bytes) -> bytes:
+    """A SIP message as it would be over IPv6: SDP ``c=``/``o=`` lines ``IN IP6``, addresses
+    in the start line and headers (Via, Contact, From, To) as IPv6 references (RFC 3261
+    §25.1), Content-Length fixed.  The Call-ID stays as it is (it only looks like an address)."""
+    head, sep, body = text.partition(b"\r\n\r\n")
+    body = re.sub(rb"IN IP4 (\S+)", lambda m: b"IN IP6 " + _IPV4_TEXT.sub(_v6_text, m[1]), body)
+    assert not _IPV4_TEXT.search(body)
+    lines = []
+    for line in head.split(b"\r\n"):
+        name = line.split(b":", 1)[0].strip().lower()
+        if name == b"content-length":
+            lines.append(b"Content-Length: %d" % len(body))
+        elif name in (b"call-id", b"i"):
+            lines.append(line)
+        else:
+            lines.append(_IPV4_TEXT.sub(lambda m: b"[" + _v6_text(m) + b"]", line))
+    return b"\r\n".join(lines) + sep + body
+
+
+def _same_ip(ip: bytes) -> tuple[int, bytes]:
+    return ETH_IPV4, ip
+
+
+def _ipv6(ip: bytes) -> tuple[int, bytes]:
+    """An IPv4/UDP packet (no options) as IPv6/UDP: addresses mapped, SIP rewritten, lengths
+    fixed; the UDP checksum stays 0 (callcap does not check it)."""
+    assert ip[0] == 0x45 and ip[9] == 17
+    (total,) = struct.unpack_from("!H", ip, 2)
+    sport, dport, ulen, _sum = struct.unpack_from("!HHHH", ip, 20)
+    payload = ip[28 : 20 + ulen]
+    assert 20 + ulen <= total
+    if 5060 in (sport, dport):
+        payload = _sip_to_ipv6(payload)
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    src, dst = _v6(ip[12:16]).packed, _v6(ip[16:20]).packed
+    return ETH_IPV6, struct.pack("!IHBB16s16s", 0x6000_0000, len(udp), 17, 64, src, dst) + udp
+
+
+def _ipv4_options(ip: bytes) -> tuple[int, bytes]:
+    """IHL 6: a Router Alert option (RFC 2113) before the UDP header."""
+    assert ip[0] == 0x45
+    (total,) = struct.unpack_from("!H", ip, 2)
+    head = bytearray(ip[:20] + b"\x94\x04\x00\x00")
+    head[0] = 0x46
+    struct.pack_into("!HH", head, 2, total + 4, 0)
+    head[10:12] = b"\x00\x00"
+    struct.pack_into("!H", head, 10, _checksum(bytes(head)))
+    return ETH_IPV4, bytes(head) + ip[20:total]
+
+
+def _ipv6_hop_by_hop(ip: bytes) -> tuple[int, bytes]:
+    """IPv6 with a hop-by-hop options header (RFC 8200 §4.3: one PadN option) before UDP."""
+    etype, packet = _ipv6(ip)
+    (plen,) = struct.unpack_from("!H", packet, 4)
+    head = packet[:4] + struct.pack("!HB", plen + 8, 0) + packet[7:40]
+    return etype, head + bytes([17, 0, 1, 4, 0, 0, 0, 0]) + packet[40:]
+
+
+def _rewrite(capture: Path, out: Path, link: str, convert: Convert = _same_ip) -> Path:
+    """``capture`` (Ethernet, untagged IPv4) with every frame's IP packet converted and put
+    on ``link``: a classic pcap of the same timestamp format, the frames' times unchanged."""
+    v4_type, v6_type, wrap = _LINKS[link]
+    with capture.open("rb") as f:
+        magic = f.read(4)
+    unit = _PCAP_UNITS[magic]
+    records = []
+    families = set()
+    with CaptureReader(capture) as reader:
+        for ts, linktype, frame in reader:
+            assert linktype == DLT_EN10MB and frame[12:14] == b"\x08\x00"
+            etype, packet = convert(frame[14:])
+            families.add(etype)
+            new = wrap(etype, packet)
+            sec = int(ts)
+            frac = round((ts - sec) * unit)
+            if frac == unit:
+                sec, frac = sec + 1, 0
+            records.append(struct.pack("<IIII", sec, frac, len(new), len(new)) + new)
+    (family,) = families
+    linktype = v6_type if family == ETH_IPV6 else v4_type
+    with out.open("wb") as f:
+        f.write(magic + struct.pack("<HHiIII", 2, 4, 0, 0, 262144, linktype))
+        f.write(b"".join(records))
+    with CaptureReader(capture) as before, CaptureReader(out) as after:
+        assert after.linktype == linktype
+        assert [ts for ts, _l, _f in after] == [ts for ts, _l, _f in before]
+    return out
+
+
+@dataclass
+class _Source:
+    """A capture of untagged Ethernet / IPv4 and what the lane made of it."""
+
+    path: Path
+    calls: int
+    rtp: int  # RTP packets recorded
+    placed: int  # of them, placed in runs by the lane
+    recordings: dict[str, tuple[dict[str, Any], bytes]]  # feed's
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, _Source]:
+    base = tmp_path_factory.mktemp("sources")
+    workload = base / "workload.pcap"
+    info = write_workload(workload, calls=8, seconds=10, seed=11, loss=0.005, jitter_ms=4)
+    found = {}
+    for name, path, calls in (
+        ("workload", workload, len(info.calls)),
+        ("eventful", _eventful_calls(base / "eventful.pcap"), 3),
+    ):
+        fast_pipeline, fast = _record(path, base / f"{name}-fast", fast=True)
+        _slow_pipeline, slow = _record(path, base / f"{name}-slow", fast=False)
+        _same_recordings(fast, slow, calls)
+        found[name] = _Source(
+            path=path,
+            calls=calls,
+            rtp=fast_pipeline.rtp_packets,
+            placed=fast_pipeline.counters["rtp_placed_in_runs"],
+            recordings=slow,
+        )
+    # the lane carried most of the workload and a good part of the eventful calls
+    assert found["workload"].placed > 0.9 * found["workload"].rtp
+    assert found["eventful"].placed > 0.3 * found["eventful"].rtp
+    return found
+
+
+_COMPARED = ("streams", "gaps", "dtmf", "warnings", "audio")
+
+
+def _same_recordings(
+    fast: dict[str, tuple[dict[str, Any], bytes]],
+    slow: dict[str, tuple[dict[str, Any], bytes]],
+    calls: int,
+) -> None:
+    """The lane's recordings are feed's, and there is something in them."""
+    assert len(slow) == calls
+    assert fast.keys() == slow.keys()
+    for call_id, (doc, audio) in slow.items():
+        fdoc, faudio = fast[call_id]
+        assert faudio == audio, call_id
+        for key in _COMPARED:
+            assert fdoc[key] == doc[key], (call_id, key)
+        assert np.abs(np.frombuffer(audio, dtype=np.int16)).max() > 1000, call_id  # not silent
+
+
+def _record_both(
+    capture: Path, out: Path, calls: int, fast: bool | int = True
+) -> tuple[Pipeline, dict[str, tuple[dict[str, Any], bytes]]]:
+    """Record ``capture`` through blocks and through feed; check they agree → the lane's."""
+    fast_pipeline, fast_result = _record(capture, out / "fast", fast=fast)
+    slow_pipeline, slow_result = _record(capture, out / "slow", fast=False)
+    assert slow_pipeline.counters["rtp_placed_in_runs"] == 0
+    assert fast_pipeline.rtp_packets == slow_pipeline.rtp_packets
+    _same_recordings(fast_result, slow_result, calls)
+    return fast_pipeline, fast_result
+
+
+@pytest.mark.parametrize("source", ["workload", "eventful"])
+@pytest.mark.parametrize(
+    "link", ["vlan", "qinq", "qinq-9100", "sll", "sll2", "raw", "raw12", "raw14", "raw-family"]
+)
+def test_other_link_layers_take_the_lane_and_give_what_feed_gives(
+    tmp_path: Path, sources: dict[str, _Source], link: str, source: str
+) -> None:
+    src = sources[source]
+    capture = _rewrite(src.path, tmp_path / f"{link}.pcap", link)
+    pipeline, result = _record_both(capture, tmp_path, src.calls)
+    # the same calls as on untagged Ethernet, and the lane carried exactly as much of them
+    assert {k: (d["streams"], a) for k, (d, a) in result.items()} == {
+        k: (d["streams"], a) for k, (d, a) in src.recordings.items()
+    }
+    assert pipeline.rtp_packets == src.rtp
+    assert pipeline.counters["rtp_placed_in_runs"] == src.placed
+
+
+@pytest.mark.parametrize("source", ["workload", "eventful"])
+@pytest.mark.parametrize("link", ["ethernet", "vlan", "qinq", "sll2", "sll", "raw", "raw-family"])
+def test_ipv6_takes_the_lane_and_gives_what_feed_gives(
+    tmp_path: Path, sources: dict[str, _Source], link: str, source: str
+) -> None:
+    src = sources[source]
+    capture = _rewrite(src.path, tmp_path / f"{link}6.pcap", link, _ipv6)
+    pipeline, result = _record_both(capture, tmp_path, src.calls)
+    # the calls of the IPv4 capture, with their media over IPv6: as many packets, and as
+    # many of them in runs
+    assert pipeline.rtp_packets == src.rtp
+    assert pipeline.counters["rtp_placed_in_runs"] == src.placed
+    for call_id, (doc, audio) in result.items():
+        before, before_audio = src.recordings[call_id]
+        assert audio == before_audio, call_id
+        assert ipaddress.ip_address(doc["caller_ip"]).version == 6
+        assert [s["src"] for s in doc["streams"]] == [
+            f"[{_v6(ipaddress.IPv4Address(s['src'].split(':')[0]).packed)}]:"
+            + s["src"].split(":")[1]
+            for s in before["streams"]
+        ]
+        strip = ("src", "dst")
+        assert [{k: v for k, v in s.items() if k not in strip} for s in doc["streams"]] == [
+            {k: v for k, v in s.items() if k not in strip} for s in before["streams"]
+        ]
+
+
+@pytest.mark.parametrize("blocks", [1, 7, 64])
+@pytest.mark.parametrize(("link", "convert"), [("qinq", _same_ip), ("sll2", _ipv6), ("raw", _ipv6)])
+def test_blocks_cut_anywhere_give_what_feed_gives_on_other_links(
+    tmp_path: Path, sources: dict[str, _Source], link: str, convert: Convert, blocks: int
+) -> None:
+    src = sources["eventful"]
+    capture = _rewrite(src.path, tmp_path / "calls.pcap", link, convert)
+    pipeline, _result = _record_both(capture, tmp_path, src.calls, fast=blocks)
+    assert pipeline.counters["rtp_placed_in_runs"] > 0 or blocks == 1
+
+
+@pytest.mark.parametrize("source", ["workload", "eventful"])
+@pytest.mark.parametrize("link", ["ethernet", "sll2", "raw"])
+@pytest.mark.parametrize("convert", [_ipv4_options, _ipv6_hop_by_hop])
+def test_ip_headers_the_lane_does_not_read_go_through_feed(
+    tmp_path: Path, sources: dict[str, _Source], link: str, source: str, convert: Convert
+) -> None:
+    """IPv4 with options and IPv6 with an extension header never take the lane, and are
+    recorded as feed records them."""
+    src = sources[source]
+    capture = _rewrite(src.path, tmp_path / "calls.pcap", link, convert)
+    pipeline, result = _record_both(capture, tmp_path, src.calls)
+    assert pipeline.counters["rtp_placed_in_runs"] == 0
+    assert pipeline.rtp_packets == src.rtp
+    assert {k: a for k, (_d, a) in result.items()} == {
+        k: a for k, (_d, a) in src.recordings.items()
+    }
+
+
+Frame = tuple[float, int, bytes]
+
+
+def _record_frames(
+    frames: list[Frame], out: Path, *, fast: int
+) -> tuple[Pipeline, dict[str, tuple[dict[str, Any], bytes]]]:
+    """:func:`_record` for frames in memory (several link types in one block, as a pcapng
+    capture of several interfaces or a live ``any`` capture gives them)."""
+    pipeline = Pipeline(load_config(None), out, structlog.get_logger("test"))
+    if fast:
+        pipeline.run_blocks(batched(iter(frames), size=fast))
+    else:
+        for ts, linktype, frame in frames:
+            pipeline.feed(ts, linktype, frame)
+    pipeline.close("capture_end")
+    return pipeline, _outputs(out)
+
+
+def _tso(etype: int, ip: bytes) -> bytes:
+    """The IP length field 0, as captured on a host with segmentation offload."""
+    at = 4 if etype == ETH_IPV6 else 2
+    return _MACS + struct.pack("!H", etype) + ip[:at] + b"\x00\x00" + ip[at + 2 :]
+
+
+# Frames every link of a capture may carry besides the ones above: (linktype, wrapper) by
+# family; None: the link type of the other family (a malformed frame both paths drop).
+_ODD_LINKS: dict[str, tuple[int | None, Wrap]] = {
+    "ethernet-padded": (
+        DLT_EN10MB,
+        lambda etype, ip: _MACS + struct.pack("!H", etype) + ip + bytes(4),
+    ),
+    "sll2-padded": (DLT_LINUX_SLL2, lambda etype, ip: _sll2(etype, ip) + b"\xff" * 3),
+    "three-tags": (DLT_EN10MB, _tagged(0x88A8, 0x8100, 0x8100)),
+    "sll-vlan": (DLT_LINUX_SLL, lambda etype, ip: _sll(0x8100, struct.pack("!HH", 7, etype) + ip)),
+    "tso": (DLT_EN10MB, _tso),
+    "wrong-family": (None, _bare),
+}
+
+
+@pytest.mark.parametrize("blocks", [7, 100_000])
+@pytest.mark.parametrize("convert", [_same_ip, _ipv6])
+def test_links_mixed_in_one_block_give_what_feed_gives(
+    tmp_path: Path, sources: dict[str, _Source], convert: Convert, blocks: int
+) -> None:
+    """Every RTP frame of the eventful calls on another link than the one before it — the
+    ones the lane reads, and odd ones it must leave to ``feed``: Ethernet padding, three
+    VLAN tags, a VLAN tag left in an SLL frame, no IP length (segmentation offload), and an
+    IPv6 packet on LINKTYPE_IPV4 or IPv4 on LINKTYPE_IPV6 (dropped by both)."""
+    src = sources["eventful"]
+    with CaptureReader(src.path) as reader:
+        original = list(reader)
+    links = [*_LINKS, *_ODD_LINKS]
+    frames: list[Frame] = []
+    rtp = 0
+    for ts, _linktype, frame in original:
+        etype, packet = convert(frame[14:])
+        v6 = etype == ETH_IPV6
+        if 5060 in struct.unpack_from("!HH", frame, 34):  # SIP: plain Ethernet
+            frames.append((ts, DLT_EN10MB, _MACS + struct.pack("!H", etype) + packet))
+            continue
+        name = links[rtp % len(links)]
+        rtp += 1
+        if name in _LINKS:
+            v4_type, v6_type, wrap = _LINKS[name]
+            linktype = v6_type if v6 else v4_type
+        else:
+            odd, wrap = _ODD_LINKS[name]
+            linktype = odd if odd is not None else LINKTYPE_IPV4 if v6 else LINKTYPE_IPV6
+        frames.append((ts, linktype, wrap(etype, packet)))
+    fast_pipeline, fast = _record_frames(frames, tmp_path / "fast", fast=blocks)
+    slow_pipeline, slow = _record_frames(frames, tmp_path / "slow", fast=0)
+    _same_recordings(fast, slow, src.calls)
+    assert fast_pipeline.rtp_packets == slow_pipeline.rtp_packets
+    assert fast_pipeline.rtp_packets < src.rtp  # the frames of the wrong family were dropped
+    assert fast_pipeline.drops.totals == slow_pipeline.drops.totals
+    assert fast_pipeline.counters["rtp_placed_in_runs"] > 0

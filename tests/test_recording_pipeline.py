@@ -134,7 +134,10 @@ def test_lost_packets_become_silence_of_their_length_and_a_gap(tmp_path: Path) -
     expected[hole] = 0
     assert np.array_equal(audio[: len(ref_a), 0], expected)  # never time-compressed
     assert stream_of(doc, "caller")["lost"] == 3
-    assert doc["gaps"] == [{"side": "caller", "from_s": 0.2, "to_s": 0.26}]
+    # loss on the network, not in the sensor
+    assert doc["gaps"] == [{"side": "caller", "from_s": 0.2, "to_s": 0.26, "capture_loss": False}]
+    assert doc["capture_loss"] == []
+    assert stream_of(doc, "caller")["capture_loss"] is False
 
 
 def test_reordered_and_duplicated_packets_change_nothing_in_the_audio(tmp_path: Path) -> None:
@@ -172,7 +175,7 @@ def test_packet_later_than_the_jitter_window_is_counted_late_and_shown_as_gap(
     assert not audio[50 * PTIME : 51 * PTIME, 0].any()
     assert np.array_equal(audio[: 50 * PTIME, 0], ref_a[: 50 * PTIME])
     assert stream_of(doc, "caller")["late"] == 1
-    assert {"side": "caller", "from_s": 1.0, "to_s": 1.02} in doc["gaps"]
+    assert {"side": "caller", "from_s": 1.0, "to_s": 1.02, "capture_loss": False} in doc["gaps"]
 
 
 def test_ssrc_change_mid_call_continues_on_the_same_channel(tmp_path: Path) -> None:
