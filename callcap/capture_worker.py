@@ -89,6 +89,7 @@ class CaptureWorker:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master reloads, then tells us
+        self.log.info("worker_started", pid=os.getpid(), workers=self.count)
         try:
             if self.pcap is not None:
                 return self._replay(self.pcap)

@@ -239,47 +239,41 @@ class _BlockKeys:
             l3[raw] = 0
         ip4 = etype == ETH_IPV4
         ip6 = etype == ETH_IPV6
-        keep = np.flatnonzero(ip4 | ip6)
-        rows, l3, v6 = rows[keep], l3[keep], ip6[keep]
-        start = block.starts[rows] + l3
-        size = lengths[rows] - l3
         data = block.data
+        start = block.starts[rows] + l3
+        # one gather of the IP header window per frame (it must lie inside the buffer; a
+        # frame shorter than the window only has its own bytes believed, below)
+        keep = np.flatnonzero((ip4 | ip6) & (start + _NET.itemsize <= len(data)))
+        rows, l3, v6, start = rows[keep], l3[keep], ip6[keep], start[keep]
+        size = lengths[rows] - l3
+        net = values_at(data, start, _NET)
+        head = net["head"]
+        word2 = net["word2"]
         # IPv4: version 4 and a 20-byte header, not a fragment, UDP; IPv6: next header UDP
-        head = values_at(data, start, ">u4")
-        word2 = values_at(data, start + 4, ">u4")
         v4_ok = ((head >> 24) == 0x45) & ((word2 & 0x3FFF) == 0) & (size >= 20 + _MIN_TAIL)
-        v4_ok &= values_at(data, start + 9, "u1") == PROTO_UDP
+        v4_ok &= net["proto"] == PROTO_UDP
         v6_ok = ((head >> 28) == 6) & (((word2 >> 8) & 0xFF) == PROTO_UDP)
         v6_ok &= (word2 >> 16) > 0
         v6_ok &= size >= 40 + _MIN_TAIL
         total = np.where(v6, 40 + (word2 >> 16), head & 0xFFFF).astype(np.int64)
         ok = np.where(v6, v6_ok, v4_ok) & (total <= size)
+        ok &= np.where(v6, net["dport6"], net["dport4"]) != _VXLAN_PORT
         keep = np.flatnonzero(ok)
-        rows, l3, v6, start, total = rows[keep], l3[keep], v6[keep], start[keep], total[keep]
-        l4 = l3 + np.where(v6, 40, 20)
-        ports = values_at(data, start + (l4 - l3), "<u4")
-        ok = values_at(data, start + (l4 - l3) + 2, ">u2") != _VXLAN_PORT
-        if not ok.all():
-            keep = np.flatnonzero(ok)
-            rows, l3, l4, v6, start, total, ports = (
-                rows[keep],
-                l3[keep],
-                l4[keep],
-                v6[keep],
-                start[keep],
-                total[keep],
-                ports[keep],
-            )
-        # The key's address bytes: IPv4 source and destination (8 bytes at 12), IPv6 (32 at 8)
-        a0 = values_at(data, start + np.where(v6, 8, 12), "<u8")
-        a1, a2, a3 = (np.zeros(len(rows), dtype=np.uint64) for _ in range(3))
-        six = np.flatnonzero(v6)
-        if len(six):
-            for word, word_at in ((a1, 16), (a2, 24), (a3, 32)):
-                word[six] = values_at(data, start[six] + word_at, "<u8")
+        rows, l3, v6, total = rows[keep], l3[keep], v6[keep], total[keep]
+        net = net.view(_NET_ITEM)[keep].view(_NET)  # records by the memcpy (block.values_at)
+        # The key: IPv4 source and destination (8 bytes at 12) and ports, or IPv6's (32 at 8)
+        if v6.any():
+            zero = np.uint64(0)
+            a0 = np.where(v6, net["a0"], net["key4"])
+            a1, a2, a3 = (np.where(v6, net[name], zero) for name in ("a1", "a2", "a3"))
+            ports = np.where(v6, net["ports6"], net["ports4"])
+        else:
+            a0 = net["key4"].copy()
+            a1 = a2 = a3 = np.zeros(len(rows), dtype=np.uint64)
+            ports = net["ports4"].copy()
         return cls(
             rows=rows,
-            l4=l4,
+            l4=l3 + np.where(v6, 40, 20),
             ip_end=l3 + total,
             v6=v6,
             words=(a0, a1, a2, a3, ports),
@@ -287,6 +281,28 @@ class _BlockKeys:
         )
 
 
+# The IP header and the UDP ports as one record per frame, from the start of the IP header:
+# what _BlockKeys reads of every frame of a block, in one gather.
+_NET: Final = np.dtype(
+    {
+        "names": [
+            "head", "word2", "proto", "key4", "ports4", "dport4",
+            "a0", "a1", "a2", "a3", "ports6", "dport6",
+        ],
+        "formats": [
+            ">u4", ">u4", "u1", "<u8", "<u4", ">u2",
+            "<u8", "<u8", "<u8", "<u8", "<u4", ">u2",
+        ],
+        "offsets": [0, 4, 9, 12, 20, 22, 8, 16, 24, 32, 40, 42],
+        "itemsize": 44,
+    }
+)  # fmt: skip
+_NET_ITEM: Final = np.dtype(f"V{_NET.itemsize}")
+# The UDP and RTP headers of a queued frame, from the start of the UDP header.
+_UDP_RTP: Final = np.dtype(
+    {"names": ["udp_len", "rtp", "ssrc"], "formats": [">u2", ">u8", ">u4"], "offsets": [4, 8, 16],
+     "itemsize": _PAYLOAD_AT}
+)  # fmt: skip
 _VLAN_LIST: Final = np.array(sorted(VLAN_TAGS), dtype=np.int64)
 _RAW_LIST: Final = np.array([DLT_RAW, DLT_RAW_12, DLT_RAW_14, LINKTYPE_IPV4, LINKTYPE_IPV6])
 
@@ -673,11 +689,10 @@ class FastLane:
             off = keys.l4[mine]
             l4[at] = off
             ip_end[at] = keys.ip_end[mine]
-            start = pending.block.starts[r] + off
-            data = pending.block.data
-            udp_len[at] = values_at(data, start + 4, ">u2")
-            rtp[at] = values_at(data, start + _UDP_HEADER, ">u8")
-            ssrc[at] = values_at(data, start + _UDP_HEADER + 8, ">u4")
+            headers = values_at(pending.block.data, pending.block.starts[r] + off, _UDP_RTP)
+            udp_len[at] = headers["udp_len"]
+            rtp[at] = headers["rtp"]
+            ssrc[at] = headers["ssrc"]
             arrivals[at] = pending.block.times[r]
         end = l4 + udp_len
         b0 = (rtp >> np.uint64(56)).astype(np.int64)

@@ -327,6 +327,8 @@ class Pipeline:
                 self._start(event)
             elif isinstance(event, CallAnswered):
                 rec = self.recorders.get(event.call.call_id)
+                if event.call.call_id in self._foreign:
+                    continue  # another worker's call: it logs the answer
                 self.log.info(
                     "call_answered",
                     call_uid=rec.call_uid if rec is not None else None,

@@ -136,6 +136,7 @@ def _record(job: RecordJob, index: int, count: int) -> tuple[int, dict[str, Any]
         "sip_messages": st.sip_messages,
         "calls": st.calls_started,
         "recordings": st.recordings,
+        "rtp_other_worker": pipeline.counters["rtp_other_worker"],
         "drops": dict(st.drops),
     }
 
@@ -145,11 +146,11 @@ def _sum(all_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     recordings are each worker's own."""
     drops: Counter[str] = Counter()
     out: dict[str, Any] = {"frames": 0, "rtp_packets": 0, "sip_messages": 0}
-    out |= {"calls": 0, "recordings": 0}
+    out |= {"calls": 0, "recordings": 0, "rtp_other_worker": 0}
     for stats in all_stats:
         out["frames"] = max(out["frames"], int(stats.get("frames", 0)))
         out["sip_messages"] = max(out["sip_messages"], int(stats.get("sip_messages", 0)))
-        for key in ("rtp_packets", "calls", "recordings"):
+        for key in ("rtp_packets", "calls", "recordings", "rtp_other_worker"):
             out[key] += int(stats.get(key, 0))
         for reason, n in stats.get("drops", {}).items():
             drops[reason] = max(drops[reason], int(n))  # every worker saw every bad frame

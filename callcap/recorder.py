@@ -617,6 +617,9 @@ class CallRecorder:
             ssrc=ssrc,
             side=sender,
             origin=self.origin,
+            # inside a talk spurt the sender's clock may run up to half the jitter window
+            # off ours before the anchor follows: its packets are then never late for it
+            drift_limit=self._jitter // 2,
         )
         ctx = _StreamContext(stream, pending=self._pending[0 if sender == "caller" else 1])
         self.streams[key] = ctx

@@ -29,19 +29,25 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
-    def notify(self, **fields: str | int) -> bool:
-        """Send ``READY=1``-style fields; False if systemd is not listening or the send failed."""
+    def notify(self, wait: float = 0.0, **fields: str | int) -> bool:
+        """Send ``READY=1``-style fields; False if systemd is not listening or the send failed.
+
+        A listener that does not read must never stall the recorder: the send waits at most
+        ``wait`` seconds for room in its queue (state changes wait a little, the periodic
+        status and watchdog pings not at all — the next one follows soon).
+        """
         if self._sock is None or self._address is None:
             return False
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
+            self._sock.settimeout(wait if wait > 0 else 0.0)
             self._sock.sendto(message, self._address)
-        except OSError:
+        except OSError:  # TimeoutError and BlockingIOError included
             return False
         return True
 
     def ready(self, status: str) -> bool:
-        return self.notify(READY=1, STATUS=status, MAINPID=os.getpid())
+        return self.notify(1.0, READY=1, STATUS=status, MAINPID=os.getpid())
 
     def status(self, status: str) -> bool:
         return self.notify(STATUS=status)
@@ -50,7 +56,7 @@ class Notifier:
         return self.notify(WATCHDOG=1)
 
     def stopping(self) -> bool:
-        return self.notify(STOPPING=1)
+        return self.notify(1.0, STOPPING=1)
 
     def close(self) -> None:
         if self._sock is not None:

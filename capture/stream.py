@@ -4,9 +4,18 @@ Placement is by RTP timestamp, anchored to capture time, so that a packet's audi
 call-timeline sample where it belongs whatever order packets arrive in: reordering inside the
 jitter window costs nothing, and loss leaves a hole of exactly the right length instead of
 compressing time.  The anchor follows the *minimum* transit (arrival minus media time), which
-jitter cannot lower, so the timeline tracks the capture clock within ``tolerance`` samples even
-when the sender's clock drifts over a ten-hour call (RFC 3550 §6.4.1 uses the same transit idea
-for jitter).
+jitter cannot lower, so the timeline tracks the capture clock even when the sender's clock
+drifts over a ten-hour call (RFC 3550 §6.4.1 uses the same transit idea for jitter).
+
+When the anchor moves, audio moves: a step forward leaves a hole, a step back overlaps what
+was placed.  Inside a *talk spurt* — packets whose media follows on from the one before
+without a break — any step cuts the speech itself, so there the RTP clock rules and the
+anchor only follows the capture clock once the two are more than ``drift_limit`` samples
+apart (a sender whose clock runs slow or fast, a path whose delay changed for good).  At a
+spurt's boundary (silence suppressed by the sender, loss, a new stream) the audio has a
+break anyway, and the anchor follows the capture clock within ``tolerance``.  A sender
+paced by an imperfect clock — a softphone's timer, a replay tool — thus keeps its speech
+whole, its timing corrected in the pauses.
 
 Statistics follow RFC 3550 A.1 (extended sequence numbers, expected vs received) and A.8
 (interarrival jitter).  Everything here is sans-IO: arrival times come in as arguments.
@@ -100,6 +109,7 @@ class RtpStream:
         "_window_min",
         "clock_rate",
         "closed_gaps",
+        "drift_limit",
         "dst",
         "first_arrival",
         "jitter",
@@ -123,6 +133,7 @@ class RtpStream:
         origin: float,
         clock_rate: int = TIMELINE_RATE,
         tolerance: int = 160,
+        drift_limit: int = 800,
     ) -> None:
         self.src = src
         self.dst = dst
@@ -132,6 +143,7 @@ class RtpStream:
         self.clock_rate = clock_rate if clock_rate > 0 else TIMELINE_RATE
         self._scale = TIMELINE_RATE / self.clock_rate
         self.tolerance = tolerance
+        self.drift_limit = max(drift_limit, tolerance)
         self.stats = StreamStats()
         self.received = 0  # unique packets in the current sequence run
         self._lost_before_restart = 0
@@ -231,11 +243,20 @@ class RtpStream:
                 stats.jitter_sum += jitter
                 stats.jitter_samples += 1
             anchor = self._anchor
-            if transit < anchor - self.tolerance:
-                stats.reanchors += 1
-                anchor = self._anchor = transit
-            self._window_min = min(self._window_min, transit)
             pos = round(media + anchor)
+            # inside a talk spurt the RTP clock rules; at its boundary, the capture clock
+            if pos == self._prev_end:
+                if transit < anchor - self.drift_limit:
+                    stats.reanchors += 1
+                    anchor = self._anchor = transit
+                    pos = round(media + anchor)
+            else:
+                low = min(self._window_min, transit)
+                if transit < anchor - self.tolerance or low > anchor + self.tolerance:
+                    stats.reanchors += 1
+                    anchor = self._anchor = transit if transit < anchor else low
+                    pos = round(media + anchor)
+            self._window_min = min(self._window_min, transit)
             self._prev_end = pos + round(samples * scale)
             if self._open_gaps and ext - self._open_gaps[0].last > MAX_MISORDER:
                 self._close_old_gaps()
@@ -300,9 +321,20 @@ class RtpStream:
                 stats.jitter_samples += 1
             if forward:
                 self._last_transit = transit
-            if transit < self._anchor - self.tolerance or self._anchor == _NEVER:
-                if self._anchor != _NEVER:
+            anchor = self._anchor
+            if anchor == _NEVER:
+                self._anchor = transit
+            elif forward == 1 and round(media + anchor) == self._prev_end:
+                if transit < anchor - self.drift_limit:  # in a talk spurt: the RTP clock
                     stats.reanchors += 1
+                    self._anchor = transit
+            elif forward:
+                low = min(self._window_min, transit)
+                if transit < anchor - self.tolerance or low > anchor + self.tolerance:
+                    stats.reanchors += 1
+                    self._anchor = transit if transit < anchor else low
+            elif transit < anchor - self.tolerance:
+                stats.reanchors += 1
                 self._anchor = transit
             self._window_min = min(self._window_min, transit)
         elif self._anchor == _NEVER:
@@ -332,10 +364,11 @@ class RtpStream:
         """Close a placement window (about a second): follow a clock that has fallen behind.
 
         If every packet of the window arrived later than the anchor says by more than the
-        tolerance, the sender's clock runs slow against ours (or it paused its timestamps):
-        move the anchor so placement keeps matching capture time.
+        drift limit, the sender's clock runs slow against ours (or it paused its timestamps)
+        and no pause came to correct it in: move the anchor so placement keeps matching
+        capture time.  (Smaller lags are corrected at the next talk spurt's start.)
         """
-        if self._window_min != _NEVER and self._window_min > self._anchor + self.tolerance:
+        if self._window_min != _NEVER and self._window_min > self._anchor + self.drift_limit:
             self._anchor = self._window_min
             self.stats.reanchors += 1
         self._window_min = _NEVER
@@ -424,7 +457,8 @@ def place_runs(
     ref_ts = np.array([s._ref_ts for s in streams], dtype=np.int64)
     ref_ext = np.array([s._ref_ext_ts for s in streams], dtype=np.int64)
     anchor = np.array([s._anchor for s in streams], dtype=np.float64)
-    floor = anchor - np.array([s.tolerance for s in streams], dtype=np.float64)
+    floor = anchor - np.array([s.drift_limit for s in streams], dtype=np.float64)
+    prev_end = np.array([s._prev_end for s in streams], dtype=np.int64)
     origin = np.array([s.origin for s in streams], dtype=np.float64)
     scale = np.array([s._scale for s in streams], dtype=np.float64)
     last = np.array([s._last_transit for s in streams], dtype=np.float64)
@@ -448,6 +482,14 @@ def place_runs(
     transit = (arrivals - origin[sid]) * TIMELINE_RATE - media
     low = np.minimum.reduceat(transit, starts)
     ok &= low >= floor  # no re-anchoring inside the run
+    # One talk spurt: each packet's media starts where the one before it ended (a break
+    # would be a spurt boundary, where the anchor may move: push decides those).
+    positions = np.rint(media + anchor[sid]).astype(np.int64)
+    length = np.rint(np.asarray(samples, dtype=np.float64) * scale).astype(np.int64)
+    expect = np.empty(total, dtype=np.int64)
+    expect[1:] = positions[:-1] + length[sid[:-1]]
+    expect[starts] = prev_end
+    ok &= np.bincount(sid[positions != expect], minlength=n_runs) == 0
     if not ok.any():
         return [None] * n_runs
 
@@ -468,7 +510,6 @@ def place_runs(
     jitter_sum = np.add.reduceat(jitters, starts).tolist()
     latest = np.maximum.reduceat(arrivals, starts).tolist()
 
-    positions = np.rint(media + anchor[sid]).astype(np.int64)
     out: list[npt.NDArray[np.int64] | None] = [None] * n_runs
     # each run's last packet, as Python numbers: the stream goes on from there
     last_ts = tss[ends].tolist()

@@ -12,6 +12,7 @@ import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,4 +83,18 @@ def netns_exec(name: str) -> list[str]:
     return ["ip", "netns", "exec", name]
 
 
-__all__ = ["NetnsPair", "isolated_netns", "netns_exec", "netns_pair"]
+def tcpreplay(
+    ns: str, interface: str, pcap: Path, *extra: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Send a capture's frames out of ``interface`` inside namespace ``ns`` with tcpreplay,
+    at the pace they were recorded (unless ``extra`` says otherwise)."""
+    return subprocess.run(
+        [*netns_exec(ns), "tcpreplay", "-q", f"--intf1={interface}", *extra, str(pcap)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout,
+    )
+
+
+__all__ = ["NetnsPair", "isolated_netns", "netns_exec", "netns_pair", "tcpreplay"]

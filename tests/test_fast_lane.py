@@ -309,11 +309,55 @@ def test_place_runs_handles_several_streams_and_turns_down_only_the_bad_run() ->
 def test_place_runs_turns_down_a_run_that_would_move_the_anchor() -> None:
     s = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
     for i in range(5):
-        s.push(1000.0 + i * 0.02 + 0.05, i, i * PTIME, 0, PTIME)
+        s.push(1000.0 + i * 0.02 + 0.15, i, i * PTIME, 0, PTIME)
     before = _state(s)
-    # the next packets arrive 40 ms *earlier* than the anchor allows: a re-anchor
+    # the next packets arrive 150 ms *earlier* than the anchor says, past the drift limit
+    # (100 ms) even inside a talk spurt: a re-anchor
     run = [(1000.0 + i * 0.02, i, i * PTIME) for i in range(5, 10)]
     assert _place_one(s, run) is None and _state(s) == before
+
+
+def test_place_runs_keeps_the_rtp_clock_inside_a_talk_spurt() -> None:
+    """40 ms early is a step of the anchor at a spurt's boundary, not inside the spurt: the
+    run is placed straight on from where the stream was, as push places it."""
+    s = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    ref = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    for stream in (s, ref):
+        for i in range(5):
+            stream.push(1000.0 + i * 0.02 + 0.05, i, i * PTIME, 0, PTIME)
+    run = [(1000.0 + i * 0.02, i, i * PTIME) for i in range(5, 10)]
+    placed = _place_one(s, run)
+    assert placed is not None
+    assert placed.tolist() == [ref.push(a, q, t, 0, PTIME) for a, q, t in run]
+    assert placed.tolist() == [ref.position(0) + i * PTIME for i in range(5, 10)]  # contiguous
+    assert s.stats.reanchors == ref.stats.reanchors == 0
+    # After silence (the timestamp jumps past the spurt's end) a lead or lag moves the
+    # anchor: here the next spurt arrives 100 ms later than its media time says.
+    for stream in (s, ref):
+        stream.end_window()  # a flush came between
+    after = [(1000.9 + i * 0.02, i, (i + 20) * PTIME) for i in range(10, 15)]
+    assert _place_one(s, after) is None
+    a, q, ts = after[0]
+    assert ref.push(a, q, ts, 0, PTIME) == round((a - 999.0) * 8000)
+    assert ref.stats.reanchors == 1
+
+
+def test_a_sender_paced_by_a_lagging_clock_keeps_its_speech_whole() -> None:
+    """Packets that arrive 2 % slower than their media time (a replay tool's pacing, a
+    sender's timer) are placed back to back by their RTP clock inside a talk spurt: no
+    holes in the speech, until the lag passes the drift limit, and then one step."""
+    s = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    positions = []
+    for i in range(500):
+        positions.append(s.push(1000.0 + i * 0.02 * 1.02, i, i * PTIME, 0, PTIME))
+        if i % 50 == 49:
+            s.end_window()  # the recorder's flush, once a second
+    steps = np.diff(np.array(positions))
+    assert (steps == PTIME).sum() >= 497  # 10 s of speech: at most a couple of steps
+    assert s.stats.reanchors <= 2
+    # and placement never falls more than the drift limit (plus a packet) behind arrival
+    lag = [(1000.0 + i * 0.02 * 1.02 - 999.0) * 8000 - p for i, p in enumerate(positions)]
+    assert max(lag) <= s.drift_limit + 2 * PTIME
 
 
 def test_a_bug_in_the_lane_hands_the_block_to_feed(

@@ -1,0 +1,39 @@
+"""Is a recorded channel the tone the workload generator sent, frame by frame?
+
+The generator (bench/workload.py) gives every call's caller and callee a pure tone of its
+own.  A 20 ms frame of a channel "holds" the tone when nearly all of its energy is at that
+frequency and it is well above silence: a projection on the tone's sine and cosine, which
+tells the frame apart from silence, from the other side's tone and from another call's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+RATE = 8000
+FRAME = 160
+
+
+def tone_frames(samples: npt.NDArray[np.int16], hz: float) -> npt.NDArray[np.bool_]:
+    """For every whole 20 ms frame of ``samples``: does it hold the tone ``hz``?"""
+    n = len(samples) // FRAME
+    x = samples[: n * FRAME].astype(np.float64).reshape(n, FRAME)
+    t = np.arange(n * FRAME, dtype=np.float64).reshape(n, FRAME) / RATE
+    w = 2 * np.pi * hz * t
+    c = (x * np.cos(w)).sum(axis=1)
+    s = (x * np.sin(w)).sum(axis=1)
+    power = (x * x).sum(axis=1)
+    at_tone = 2.0 * (c * c + s * s) / FRAME
+    loud = power / FRAME > 1000.0**2  # the generator's tones are at 0.3 of full scale
+    return loud & (at_tone > 0.9 * np.maximum(power, 1e-9))
+
+
+def held_fraction(samples: npt.NDArray[np.int16], hz: float, start_s: float, end_s: float) -> float:
+    """The share of frames from ``start_s`` to ``end_s`` (timeline seconds) holding ``hz``."""
+    a, b = int(start_s * RATE), int(end_s * RATE)
+    frames = tone_frames(samples[a:b], hz)
+    return float(frames.mean()) if len(frames) else 0.0
+
+
+__all__ = ["held_fraction", "tone_frames"]
