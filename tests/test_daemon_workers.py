@@ -29,7 +29,7 @@ import soundfile
 from daemon_harness import RunningDaemon, write_config
 from netns_harness import NetnsPair, tcpreplay
 from test_fast_lane import _eventful_calls
-from tones import held_fraction
+from tones import audio_start, held_fraction
 from workload import WorkloadInfo, write_workload
 
 from callcap.sharding import owner_of
@@ -271,9 +271,8 @@ def test_sigterm_ends_every_workers_calls_as_shutdown(
     for call_id, (doc, _audio) in docs.items():
         assert doc["end_reason"] == "shutdown", call_id
         call = calls[call_id]
-        first = min(call.caller.first_time, call.callee.first_time)
         # the audio goes on to the signal (within a flush interval and the drain)
-        assert doc["audio"]["duration_s"] >= stopped_at - first - 1.5, call_id
+        assert doc["audio"]["duration_s"] >= stopped_at - audio_start(doc) - 1.5, call_id
         assert min(_talk_holds(out, doc, call)) > 0.99, call_id
     names = [e["event"] for e in daemon.events()]
     assert names.count("worker_stopping") == 2
@@ -325,12 +324,13 @@ def test_a_forced_overrun_is_counted_logged_and_flagged_and_recording_goes_on(
         # recording went on: every call ended by its BYE, after the stall
         assert doc["end_reason"] in ("bye_caller", "bye_callee"), call_id
         assert doc["capture_loss"], call_id
-        first = min(call.caller.first_time, call.callee.first_time)
+        origin = audio_start(doc)
         for span in doc["capture_loss"]:
             assert span["reason"] == "overrun"
-            # within the stall (capture times of the frames around it)
-            assert stalled - first - 0.5 <= span["from_s"] <= span["to_s"]
-            assert span["to_s"] <= resumed - first + 0.5
+            # from the stall (capture times of the frames around it) ...
+            assert stalled - origin - 0.5 <= span["from_s"] <= span["to_s"]
+            # ... or just after it: catching up on a ring this small can overrun it again
+            assert span["to_s"] <= resumed - origin + 2.0, doc["capture_loss"]
         lost = [g for g in doc["gaps"] if g["capture_loss"]]
         assert {g["side"] for g in lost} == {"caller", "callee"}
         assert all(s["capture_loss"] for s in doc["streams"])

@@ -8,6 +8,9 @@ tells the frame apart from silence, from the other side's tone and from another 
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -36,4 +39,9 @@ def held_fraction(samples: npt.NDArray[np.int16], hz: float, start_s: float, end
     return float(frames.mean()) if len(frames) else 0.0
 
 
-__all__ = ["held_fraction", "tone_frames"]
+def audio_start(doc: dict[str, Any]) -> float:
+    """A sidecar's ``audio.start`` (its timeline's sample 0) as seconds since the epoch."""
+    return datetime.fromisoformat(doc["audio"]["start"].replace("Z", "+00:00")).timestamp()
+
+
+__all__ = ["audio_start", "held_fraction", "tone_frames"]
