@@ -53,6 +53,22 @@ def _keep_freed_memory() -> bool:
     )
 
 
+def _raise_open_files() -> None:
+    """Every call in flight keeps its spool audio and its two checkpoint files open: raise
+    the soft limit of open files to the hard one (systemd gives services a soft limit of
+    1024 and a hard limit far above it; the unit asks for more), so that thousands of
+    concurrent calls never meet EMFILE."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # pragma: no cover - a limit we may not raise: keep it
+        pass
+
+
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -146,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _schema()
     if args.command in ("record", "daemon"):
         _keep_freed_memory()
+        _raise_open_files()
     if args.command == "record":
         return _record(args)
     if args.command == "daemon":

@@ -53,7 +53,7 @@ EXIT_CAPTURE: Final = 3
 #: A worker that stops reporting for this long is stuck: the watchdog stops being fed.
 STUCK_S: Final = 10.0
 #: How long a stopping worker may take to publish its calls before it is killed.
-STOP_TIMEOUT_S: Final = 80.0
+STOP_TIMEOUT_S: Final = 50.0  # inside the unit's TimeoutStopSec (60 s)
 CONTROL_TIMEOUT_S: Final = 2.0
 #: Restarts of dead workers allowed within a minute before the daemon gives up.
 MAX_RESTARTS: Final = 5

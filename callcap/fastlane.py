@@ -146,6 +146,17 @@ def _hash(
     return h
 
 
+def _hash_one(words: tuple[int, int, int, int, int, bool]) -> int:
+    """:func:`_hash` of one flow's key words (uint64 arithmetic, wrapping)."""
+    a0, a1, a2, a3, ports, v6 = words
+    mask = (1 << 64) - 1
+    h = a0 ^ ((ports * int(_H1)) & mask)
+    h ^= (a1 * int(_H2)) & mask
+    h ^= (a2 * int(_H3)) & mask
+    h ^= (a3 * int(_H4)) & mask
+    return h ^ int(v6)
+
+
 class FastFlow:
     """A UDP flow the general path has tied to one call's RTP (``sender`` is its side);
     ``recorder`` is None for a call another worker records."""
@@ -388,6 +399,14 @@ class FastLane:
         self._by_call: dict[str, set[bytes]] = {}  # call → its flows' keys
         self._by_endpoint: dict[tuple[bytes, int], set[bytes]] = {}  # (address, port) → keys
         self._queued = np.zeros(64, dtype=np.int64)  # frames queued per slot
+        # Per slot, kept as flows come and go (so that a lookup table is a sort, not a
+        # walk over every flow): the key words (a0..a3, ports), family, hash, the value a
+        # matched frame gets (its slot, or _FOREIGN - slot) and whether a flow holds it.
+        self._words = np.zeros((64, 5), dtype=np.uint64)
+        self._v6 = np.zeros(64, dtype=np.bool_)
+        self._hashes = np.zeros(64, dtype=np.uint64)
+        self._values = np.zeros(64, dtype=np.int64)
+        self._live = np.zeros(64, dtype=np.bool_)
         self._pending: list[_Pending] = []
         self._pending_rows = 0
         # sorted key hashes, then the key words, family and slot of each (None: rebuild)
@@ -414,9 +433,15 @@ class FastLane:
         if slot == len(self._slots):
             self._slots.append(flow)
             if slot >= len(self._queued):
-                self._queued = np.concatenate([self._queued, np.zeros_like(self._queued)])
+                self._grow()
         else:
             self._slots[slot] = flow
+        *words, v6 = flow.words
+        self._words[slot] = words
+        self._v6[slot] = v6
+        self._hashes[slot] = _hash_one(flow.words)
+        self._values[slot] = _FOREIGN - slot if recorder is None else slot
+        self._live[slot] = True
         self.flows[key] = flow
         self._by_call.setdefault(call_id, set()).add(key)
         for endpoint in ((flow.src, flow.sport), (flow.dst, flow.dport)):
@@ -424,6 +449,15 @@ class FastLane:
         self._lookup = None
         self._learned = True
         return flow
+
+    def _grow(self) -> None:
+        """Twice the slots (the per-slot arrays)."""
+        self._queued = np.concatenate([self._queued, np.zeros_like(self._queued)])
+        self._words = np.concatenate([self._words, np.zeros_like(self._words)])
+        self._v6 = np.concatenate([self._v6, np.zeros_like(self._v6)])
+        self._hashes = np.concatenate([self._hashes, np.zeros_like(self._hashes)])
+        self._values = np.concatenate([self._values, np.zeros_like(self._values)])
+        self._live = np.concatenate([self._live, np.zeros_like(self._live)])
 
     def forget_routes(self, call_id: str, endpoints: set[tuple[bytes, int]]) -> None:
         """Routes changed: forget, after placing what they hold, the flows of ``call_id``
@@ -440,6 +474,7 @@ class FastLane:
         _discard(self._by_endpoint, (flow.src, flow.sport), flow.key)
         _discard(self._by_endpoint, (flow.dst, flow.dport), flow.key)
         self._removed.append(flow.slot)
+        self._live[flow.slot] = False
         self._lookup = None
 
     def close_call(self, call_id: str) -> bool:
@@ -475,19 +510,18 @@ class FastLane:
             self._free.append(flow.slot)
 
     def _table(self) -> tuple[npt.NDArray[Any], ...] | None:
+        """The flows sorted by key hash: hashes, a0..a3, ports, family, matched value."""
         if self._lookup is None and self.flows:
-            flows = list(self.flows.values())
-            cols = list(zip(*(flow.words for flow in flows), strict=True))
-            a0, a1, a2, a3 = (np.array(c, dtype=np.uint64) for c in cols[:4])
-            ports = np.array(cols[4], dtype=np.uint32)
-            v6 = np.array(cols[5], dtype=np.bool_)
-            slots = np.array(
-                [_FOREIGN - f.slot if f.recorder is None else f.slot for f in flows],
-                dtype=np.int64,
+            live = np.flatnonzero(self._live)
+            live = live[np.argsort(self._hashes[live], kind="stable")]
+            words = self._words[live]
+            self._lookup = (
+                self._hashes[live],
+                *(np.ascontiguousarray(words[:, c]) for c in range(4)),
+                words[:, 4].astype(np.uint32),
+                self._v6[live],
+                self._values[live],
             )
-            hashes = _hash(a0, a1, a2, a3, ports, v6)
-            order = np.argsort(hashes)
-            self._lookup = tuple(x[order] for x in (hashes, a0, a1, a2, a3, ports, v6, slots))
         return self._lookup
 
     # -- the block loop ---------------------------------------------------------------------

@@ -63,8 +63,17 @@ class _CurrentStdout:
 
 
 def _iso_ms(epoch: float) -> str:
-    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    ms = int(epoch * 1000)
+    sec, ms = divmod(ms, 1000)
+    text = _SECONDS.get(sec)
+    if text is None:  # formatted once per second: a busy daemon logs many lines in each
+        if len(_SECONDS) >= 64:
+            _SECONDS.clear()
+        text = _SECONDS[sec] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+    return f"{text}{ms:03d}Z"
+
+
+_SECONDS: dict[int, str] = {}
 
 
 def _add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:

@@ -516,8 +516,15 @@ class Pipeline:
     # -- time -------------------------------------------------------------------------------
 
     def tick(self, now: float) -> None:
-        """Once per flush interval of capture time: write audio blocks, end idle calls."""
-        self._next_tick = now + self._interval
+        """Once per flush interval of capture time: write audio blocks, end idle calls.
+
+        Ticks fall on whole multiples of the interval (the first packet of a capture ticks
+        at once): where they fall among the packets then depends on the packets alone, not
+        on when the clock started or on a quiet capture's ticks, so that a live capture and
+        a file of the same wire are recorded alike.
+        """
+        interval = self._interval
+        self._next_tick = (math.floor(now / interval) + 1) * interval
         self._drain_all()
         tracker = self.tracker
         for call_id, rec in self.recorders.items():

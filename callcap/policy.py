@@ -13,7 +13,7 @@ from typing import Any
 
 from callcap.capture.dialog import Call
 from callcap.config.rules import CallFacts, first_match
-from callcap.config.schema import RetentionConfig
+from callcap.config.schema import Duration, RetentionConfig
 from callcap.storage.sidecar import iso_utc
 
 
@@ -40,14 +40,22 @@ def retention_fields(
     one after it is over.  A new recording is never on legal hold: holds are placed later,
     by ``callcap hold add``.
     """
-    rule = first_match(config.rules, dataclasses.replace(facts, consent_status=consent_status))
-    keep = rule.keep if rule is not None else config.default.keep
+    name, keep = retention_rule(config, facts, consent_status)
     return {
-        "rule": rule.name if rule is not None else None,
+        "rule": name,
         "keep": keep.text,
         "delete_after": iso_utc(end + keep.seconds),
         "legal_hold": False,
     }
 
 
-__all__ = ["call_facts", "retention_fields"]
+def retention_rule(
+    config: RetentionConfig, facts: CallFacts, consent_status: str
+) -> tuple[str | None, Duration]:
+    """The name of the first matching retention rule (None: the default) and its term."""
+    rule = first_match(config.rules, dataclasses.replace(facts, consent_status=consent_status))
+    keep = rule.keep if rule is not None else config.default.keep
+    return (rule.name if rule is not None else None), keep
+
+
+__all__ = ["call_facts", "retention_fields", "retention_rule"]

@@ -32,10 +32,10 @@ from callcap.capture.stream import TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
-from callcap.config.schema import Config
+from callcap.config.schema import Config, Duration
 from callcap.consent import ConsentDecision, ConsentTracker
 from callcap.errors import StorageError
-from callcap.policy import call_facts, retention_fields
+from callcap.policy import call_facts, retention_rule
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
     PublishedFile,
@@ -48,7 +48,7 @@ from callcap.storage.publish import (
     stage_json,
 )
 from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
-from callcap.storage.spool import CallFacts, audio_path, facts_path, remove_entry, save_facts
+from callcap.storage.spool import CallFacts, FactsFiles, audio_path, remove_entry
 from callcap.storage.wav import WavWriter
 
 Decoder = Callable[[bytes], npt.NDArray[np.int16]]
@@ -70,6 +70,9 @@ INBAND_HOLD = 64 * TIMELINE_RATE // 1000
 #: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
 #: until the audio this long past its start has been analysed.
 INBAND_LAG = 150 * TIMELINE_RATE // 1000
+#: A call's facts are saved to the spool at least every this many flushes (and at once when
+#: anything but the clock and the counters changed).
+CHECKPOINT_FLUSHES = 5
 #: A key is reported when it ends (RFC 4733 end packet, tone end): consent is declared
 #: missing only once the input is complete this long past the deadline, so a key pressed
 #: just before it still counts.
@@ -227,6 +230,12 @@ class CallRecorder:
         self.sources = sources
         self.call_uid = make_call_uid(call.call_id, call.from_.tag, call.start)
         self._pid = os.getpid()
+        self._facts: FactsFiles | None = None  # the spool checkpoints (durable mode)
+        self._facts_seq = 0
+        self._flushes = 0
+        self._checkpointed: tuple[object, ...] = ()
+        self._rule_facts = call_facts(call)  # what consent and retention rules match on
+        self._retention: dict[str, tuple[str | None, Duration]] = {}  # status → rule, keep
         self.origin: float | None = None
         self.last_rtp = 0.0
         self.written = 0
@@ -256,7 +265,7 @@ class CallRecorder:
         self._deferred: list[tuple[int, str, str, str, int | None]] = []
         #: Latest capture time seen (a key without a timeline position is taken at it).
         self._clock = call.start
-        self.consent = ConsentTracker(config.consent, call_facts(call))
+        self.consent = ConsentTracker(config.consent, self._rule_facts)
         self.on_consent = on_consent
         #: Consent refused or missing with discard: no audio or key is kept any more.
         self.discarded = False
@@ -477,9 +486,14 @@ class CallRecorder:
         wrote = horizon > self.written
         if wrote:
             self._write_until(horizon)
-        # Facts first, then the header that commits the audio: a crash between the two
-        # leaves facts that end after the committed audio, never before it.
-        self.checkpoint(now)
+        # Facts first, then the header that commits the audio.  The facts are saved when
+        # what they say changed (a gap, a key, a pause, a warning, a stream, consent) and
+        # every CHECKPOINT_FLUSHES flushes otherwise: between those only the clock and the
+        # counters move, and recovery stretches the facts' end to the audio it finds.
+        self._flushes += 1
+        signature = self._facts_signature()
+        if signature != self._checkpointed or self._flushes % CHECKPOINT_FLUSHES == 0:
+            self.checkpoint(now)
         if wrote and self.durable and self._writer is not None:
             self._writer.flush(sync=False)  # the pipeline syncs the spool as a whole
         self._settle_consent(now)
@@ -496,15 +510,49 @@ class CallRecorder:
         """
         if not self.durable:
             return
+        self._checkpointed = self._facts_signature()
         # (after a discard the facts still go on: recovery then publishes the sidecar alone)
         doc = self._sidecar(True, "WAV", self.written, "", end=now, end_reason="recovered")
-        facts = CallFacts(self.call_uid, self.call.start, now, doc)
-        save_facts(
-            facts_path(self.out_dir, self.call_uid, self._pid),
-            facts,
-            file_mode=self.config.recording.file_mode,
-            dir_mode=self.config.recording.dir_mode,
-            sync=False,
+        self._facts_seq += 1
+        facts = CallFacts(self.call_uid, self.call.start, now, doc, self._facts_seq)
+        if self._facts is None:
+            self._facts = FactsFiles(
+                self.out_dir,
+                self.call_uid,
+                self._pid,
+                file_mode=self.config.recording.file_mode,
+                dir_mode=self.config.recording.dir_mode,
+            )
+        self._facts.save(facts)
+
+    def _retention_fields(self, status: str, end: float) -> dict[str, Any]:
+        """The sidecar's ``retention`` (the rule matched once per consent status)."""
+        known = self._retention.get(status)
+        if known is None:
+            known = self._retention[status] = retention_rule(
+                self.config.retention, self._rule_facts, status
+            )
+        rule, keep = known
+        return {
+            "rule": rule,
+            "keep": keep.text,
+            "delete_after": iso_utc(end + keep.seconds),
+            "legal_hold": False,
+        }
+
+    def _facts_signature(self) -> tuple[object, ...]:
+        """What changes in the facts other than by the clock: compared at each flush."""
+        decision = self.consent.decision
+        return (
+            len(self.gaps),
+            self.gaps_omitted,
+            len(self.dtmf),
+            len(self.warnings),
+            len(self.pauses),
+            self.paused,
+            len(self.streams),
+            None if decision is None else decision.status,
+            self.discarded,
         )
 
     def _settle_consent(self, now: float) -> None:
@@ -527,6 +575,7 @@ class CallRecorder:
         """Drain everything and close the spool file: what is left to do is disk work only
         (:meth:`Publication.publish`), which may run on another thread."""
         call = self.call
+        self._close_facts()  # no checkpoint after this: the publication forgets the entry
         for ctx in self.streams.values():
             ctx.stream.finish()
             self._collect_gaps(ctx)
@@ -591,6 +640,7 @@ class CallRecorder:
         even when closing it fails."""
         writer, self._writer = self._writer, None
         part, self._part = self._part, None
+        self._close_facts()  # a checkpoint after this (consent discarded) makes them anew
         try:
             if writer is not None:
                 writer.close()
@@ -602,6 +652,11 @@ class CallRecorder:
                 remove_entry(self.out_dir, self.call_uid, self._pid)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _close_facts(self) -> None:
+        facts, self._facts = self._facts, None
+        if facts is not None:
+            facts.close()
 
     def _new_stream(
         self, key: tuple[bytes, int, bytes, int, int], sender: str, arrival: float
@@ -896,7 +951,6 @@ class CallRecorder:
         checkpoint = end is not None
         if end is None:
             end = call.end if call.end is not None else call.last_activity
-        cfg = self.config
         consent = self.consent.outlook() if checkpoint else self.consent.finish()
         audio: dict[str, Any] | None = None
         if keep_audio or checkpoint:
@@ -975,7 +1029,7 @@ class CallRecorder:
                 for a, b, by in self.pauses
             ],
             "consent": consent.sidecar(),
-            "retention": retention_fields(cfg.retention, call_facts(call), consent.status, end),
+            "retention": self._retention_fields(consent.status, end),
             "warnings": list(self.warnings),
             "recorder": {"name": "callcap", "version": __version__},
         }

@@ -97,4 +97,14 @@ def iso_utc(ts: float) -> str:
     """
     sec, us = divmod(round(ts * 1_000_000), 1_000_000)
     ms = us // 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ms:03d}Z"
+    text = _SECONDS.get(sec)
+    if text is None:
+        # Every call in flight is checkpointed each second with times of the same few
+        # seconds: formatting each second once saves most of the cost of a checkpoint.
+        if len(_SECONDS) >= 4096:
+            _SECONDS.clear()
+        text = _SECONDS[sec] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"{text}.{ms:03d}Z"
+
+
+_SECONDS: dict[int, str] = {}

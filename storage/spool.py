@@ -4,10 +4,16 @@ Each call in flight owns two files in ``OUT/.spool/``, both named ``<call_uid>-<
 
 * ``.wav.part`` — its audio, a WAV whose header is rewritten and fsynced every flush
   interval (see :meth:`~callcap.storage.wav.WavWriter.flush`);
-* ``.call.json`` — the call's facts so far: the sidecar it would get if it ended at the
-  last checkpoint (parties, addresses, start/answer, streams and their statistics, DTMF,
-  gaps, warnings, consent, retention), replaced atomically whenever the call starts,
-  answers or changes media and at every flush.
+* ``.call.json`` and ``.call.alt.json`` — the call's facts so far: the sidecar it would
+  get if it ended at the last checkpoint (parties, addresses, start/answer, streams and
+  their statistics, DTMF, gaps, warnings, consent, retention), saved whenever the call
+  starts, answers or changes media and at every flush.  The checkpoints go to the two
+  files in turn, each overwritten in place (:func:`checkpoint_facts`), and recovery takes
+  the newer of the two that reads whole: a write cut short by a crash spoils one file,
+  never both.  Why not a temporary file renamed over the old one: ext4 starts writing
+  back a file renamed over another at once (``auto_da_alloc``), about 0.3 ms of the
+  recorder's time per call and second — a third of a worker's time at a few hundred
+  calls — where an overwrite in place costs a few microseconds.
 
 The pid in the names says whose the files are.  At start-up the daemon recovers every entry
 whose writer is gone: the WAV is cut back to its last flush and published, and the facts
@@ -28,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +47,15 @@ from callcap.storage.wav import recover_spooled_wav
 SPOOL_VERSION = 1
 AUDIO_SUFFIX = ".wav.part"
 FACTS_SUFFIX = ".call.json"
+FACTS_ALT_SUFFIX = ".call.alt.json"
+FACTS_SUFFIXES = (FACTS_SUFFIX, FACTS_ALT_SUFFIX)
 DAMAGED = "damaged"
 RECOVERED_WARNING = "recovered_from_spool"
 MAX_WARNINGS = 100  # sidecar.schema.json: warnings.maxItems
 
 _ENTRY = re.compile(
-    r"^(?P<uid>[a-z2-7]{16})-(?P<pid>[0-9]{1,10})(?P<kind>\.wav\.part|\.call\.json)$"
+    r"^(?P<uid>[a-z2-7]{16})-(?P<pid>[0-9]{1,10})"
+    r"(?P<kind>\.wav\.part|\.call\.json|\.call\.alt\.json)$"
 )
 _TEMP = re.compile(r"^\..+\.tmp-(?P<pid>[0-9]{1,10})-[0-9]+$")
 
@@ -54,8 +64,8 @@ def audio_path(out_dir: Path, call_uid: str, pid: int) -> Path:
     return spool_dir(out_dir) / f"{call_uid}-{pid}{AUDIO_SUFFIX}"
 
 
-def facts_path(out_dir: Path, call_uid: str, pid: int) -> Path:
-    return spool_dir(out_dir) / f"{call_uid}-{pid}{FACTS_SUFFIX}"
+def facts_path(out_dir: Path, call_uid: str, pid: int, slot: int = 0) -> Path:
+    return spool_dir(out_dir) / f"{call_uid}-{pid}{FACTS_SUFFIXES[slot]}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +82,8 @@ class CallFacts:
     start: float
     checkpoint: float
     sidecar: dict[str, Any]
+    #: Counts the call's checkpoints: the newer of two with the same capture time wins.
+    seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +91,7 @@ class CallFacts:
             "call_uid": self.call_uid,
             "start": self.start,
             "checkpoint": self.checkpoint,
+            "seq": self.seq,
             "sidecar": self.sidecar,
         }
 
@@ -102,15 +115,96 @@ class CallFacts:
             raise StorageError("start and checkpoint must be numbers")
         if not isinstance(sidecar.get("audio"), dict):
             raise StorageError("sidecar.audio must be an object")
-        return cls(uid, float(start), float(checkpoint), sidecar)
+        seq = obj.get("seq", 0)
+        if not isinstance(seq, int):
+            raise StorageError("seq must be an integer")
+        return cls(uid, float(start), float(checkpoint), sidecar, seq)
 
 
-def save_facts(
-    path: Path, facts: CallFacts, *, file_mode: int, dir_mode: int, sync: bool = True
-) -> None:
-    """Replace the facts file atomically: a crash leaves the old facts or the new, never half.
-    ``sync=False``: durable from the next :class:`SpoolSync` (see ``write_json_atomic``)."""
-    write_json_atomic(path, facts.to_json(), file_mode=file_mode, dir_mode=dir_mode, sync=sync)
+def checkpoint_facts(
+    out_dir: Path, facts: CallFacts, pid: int, slot: int, *, file_mode: int, dir_mode: int
+) -> int:
+    """Save ``facts`` into checkpoint file ``slot`` (0 or 1) of the call's entry, in place;
+    the slot for the next checkpoint (a one-off :class:`FactsFiles`)."""
+    files = FactsFiles(out_dir, facts.call_uid, pid, file_mode=file_mode, dir_mode=dir_mode)
+    files.slot = slot
+    try:
+        files.save(facts)
+    finally:
+        files.close()
+    return files.slot
+
+
+class FactsFiles:
+    """The two checkpoint files of one call in flight, kept open while it lasts: each
+    checkpoint overwrites the older of them in place (see the module docstring).  Writes
+    are durable from the next :class:`SpoolSync`."""
+
+    def __init__(
+        self, out_dir: Path, call_uid: str, pid: int, *, file_mode: int, dir_mode: int
+    ) -> None:
+        self.paths = (facts_path(out_dir, call_uid, pid, 0), facts_path(out_dir, call_uid, pid, 1))
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode
+        self.slot = 0  # where the next checkpoint goes
+        self._fds: list[int | None] = [None, None]
+
+    def save(self, facts: CallFacts) -> None:
+        path = self.paths[self.slot]
+        try:
+            data = (json.dumps(facts.to_json(), ensure_ascii=False) + "\n").encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise StorageError(f"cannot serialise {path.name}: {exc}") from exc
+        try:
+            fd = self._fds[self.slot]
+            if fd is None:
+                fd = self._fds[self.slot] = self._open(path)
+            view = memoryview(data)
+            at = 0
+            while at < len(data):
+                at += os.pwrite(fd, view[at:], at)
+            os.ftruncate(fd, len(data))  # never to 0: that too starts a write-back on ext4
+        except OSError as exc:
+            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        self.slot = 1 - self.slot
+
+    def _open(self, path: Path) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, self.file_mode)
+        except FileNotFoundError:
+            ensure_dir(path.parent, self.dir_mode)
+            return os.open(path, flags, self.file_mode)
+
+    def close(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                self._fds[i] = None
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _newest_facts(uid: str, files: dict[str, Path]) -> CallFacts:
+    """The newer of the entry's checkpoints that reads whole (a crash mid-write spoils one)."""
+    best: CallFacts | None = None
+    problem = "audio without call facts: nothing to name or describe it"
+    for suffix in FACTS_SUFFIXES:
+        path = files.get(suffix)
+        if path is None:
+            continue
+        try:
+            facts = CallFacts.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, StorageError) as exc:
+            problem = f"unreadable call facts: {exc}"
+            continue
+        if facts.call_uid != uid:
+            problem = f"call facts are for {facts.call_uid!r}, not {uid!r}"
+            continue
+        if best is None or (facts.checkpoint, facts.seq) > (best.checkpoint, best.seq):
+            best = facts
+    if best is None:
+        raise StorageError(problem)
+    return best
 
 
 class SpoolSync:
@@ -196,7 +290,9 @@ def _libc() -> ctypes.CDLL | None:
 
 def remove_entry(out_dir: Path, call_uid: str, pid: int) -> None:
     """Forget a call's spool entry once its recording is published (or discarded)."""
-    for path in (audio_path(out_dir, call_uid, pid), facts_path(out_dir, call_uid, pid)):
+    paths = [audio_path(out_dir, call_uid, pid)]
+    paths += [facts_path(out_dir, call_uid, pid, slot) for slot in (0, 1)]
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
@@ -280,16 +376,8 @@ def _recover_one(
     An unanswered call gets no recording when it ends normally (it failed, or was still
     ringing), so it gets none here either: its spool files are simply removed.
     """
-    facts_file = files.get(FACTS_SUFFIX)
     part = files.get(AUDIO_SUFFIX)
-    if facts_file is None:
-        raise StorageError("audio without call facts: nothing to name or describe it")
-    try:
-        facts = CallFacts.from_json(json.loads(facts_file.read_text(encoding="utf-8")))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StorageError(f"unreadable call facts: {exc}") from exc
-    if facts.call_uid != uid:
-        raise StorageError(f"call facts are for {facts.call_uid!r}, not {uid!r}")
+    facts = _newest_facts(uid, files)
     if facts.sidecar.get("answer") is None:
         for path in files.values():
             path.unlink()
@@ -311,9 +399,16 @@ def _recover_one(
     sidecar = write_json_atomic(
         stem.with_suffix(".json"), doc, file_mode=file_mode, dir_mode=dir_mode
     )
-    with contextlib.suppress(FileNotFoundError):
-        facts_file.unlink()
+    _remove_facts(files)
     return Recovered(uid, wav, sidecar.path, doc["duration_s"], doc["audio"]["duration_s"])
+
+
+def _remove_facts(files: dict[str, Path]) -> None:
+    for suffix in FACTS_SUFFIXES:
+        path = files.get(suffix)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _recover_discarded(
@@ -336,8 +431,7 @@ def _recover_discarded(
     sidecar = write_json_atomic(
         stem.with_suffix(".json"), doc, file_mode=file_mode, dir_mode=dir_mode
     )
-    with contextlib.suppress(FileNotFoundError):
-        files[FACTS_SUFFIX].unlink()
+    _remove_facts(files)
     return Recovered(uid, None, sidecar.path, doc["duration_s"], 0.0)
 
 
@@ -356,6 +450,7 @@ def _recovered_sidecar(
                 f"sidecar.audio.sample_rate: expected a positive integer, got {rate!r}"
             )
         audio.update(file=file_name, format=fmt, frames=frames, duration_s=round(frames / rate, 3))
+        _stretch_to_audio(doc, frames / rate)
     doc["end_reason"] = "recovered"
     warning = {
         "code": RECOVERED_WARNING,
@@ -371,6 +466,32 @@ def _recovered_sidecar(
         else:
             warnings.append(warning)
     return doc
+
+
+def _stretch_to_audio(doc: dict[str, Any], audio_s: float) -> None:
+    """Facts are saved less often than audio is committed (a few flushes apart, when only
+    the clock moved): a call ends no earlier than the audio recovered of it.  ``end``,
+    the durations and the retention deadline (counted from the end) move on together."""
+    try:
+        end = _epoch(doc["end"])
+        audio_end = _epoch(doc["audio"]["start"]) + audio_s
+    except (KeyError, TypeError, ValueError):
+        return
+    shift = round(audio_end - end, 3)
+    if shift <= 0:
+        return
+    doc["end"] = iso_utc(end + shift)
+    for key in ("duration_s", "talk_s"):
+        if isinstance(doc.get(key), int | float):
+            doc[key] = round(doc[key] + shift, 3)
+    retention = doc.get("retention")
+    if isinstance(retention, dict) and isinstance(retention.get("delete_after"), str):
+        with contextlib.suppress(ValueError):
+            retention["delete_after"] = iso_utc(_epoch(retention["delete_after"]) + shift)
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _move_aside(
@@ -396,15 +517,17 @@ def _move_aside(
 
 __all__ = [
     "AUDIO_SUFFIX",
+    "FACTS_ALT_SUFFIX",
     "FACTS_SUFFIX",
     "CallFacts",
     "Damaged",
+    "FactsFiles",
     "Recovered",
     "SpoolSync",
     "audio_path",
+    "checkpoint_facts",
     "facts_path",
     "process_alive",
     "recover_spool",
     "remove_entry",
-    "save_facts",
 ]

@@ -21,7 +21,13 @@ import pytest
 
 from callcap.errors import StorageError
 from callcap.storage.sidecar import validate_sidecar
-from callcap.storage.spool import CallFacts, audio_path, facts_path, recover_spool, save_facts
+from callcap.storage.spool import (
+    CallFacts,
+    audio_path,
+    checkpoint_facts,
+    facts_path,
+    recover_spool,
+)
 from callcap.storage.wav import WavWriter, recover_spooled_wav
 
 UID = "abcdefghijklmnop"
@@ -155,11 +161,13 @@ def test_unanswered_calls_are_forgotten_and_answered_ones_without_audio_kept_asi
 ) -> None:
     out = tmp_path / "out"
     dead = 4_000_001
-    save_facts(facts_path(out, UID, dead), _facts(None), file_mode=0o640, dir_mode=0o750)
+    checkpoint_facts(out, pid=dead, slot=0, facts=_facts(None), file_mode=0o640, dir_mode=0o750)
     other = "zyxwvutsrqponmlk"
-    save_facts(
-        facts_path(out, other, dead),
-        CallFacts(other, 1.0, 2.0, {"answer": "x", "audio": {"sample_rate": 8000}}),
+    checkpoint_facts(
+        out,
+        pid=dead,
+        slot=0,
+        facts=CallFacts(other, 1.0, 2.0, {"answer": "x", "audio": {"sample_rate": 8000}}),
         file_mode=0o640,
         dir_mode=0o750,
     )
@@ -174,7 +182,7 @@ def test_unanswered_calls_are_forgotten_and_answered_ones_without_audio_kept_asi
 def test_entries_of_a_live_writer_are_left_alone(tmp_path: Path) -> None:
     out = tmp_path / "out"
     live = 4_000_002
-    save_facts(facts_path(out, UID, live), _facts("x"), file_mode=0o640, dir_mode=0o750)
+    checkpoint_facts(out, pid=live, slot=0, facts=_facts("x"), file_mode=0o640, dir_mode=0o750)
     part = audio_path(out, UID, live)
     part.write_bytes(b"being written")
     assert recover_spool(out, alive=lambda pid: pid == live) == ([], [])
@@ -188,9 +196,11 @@ def _dead_writer_entry(out: Path, pid: int, seed: int, sidecar: dict[str, Any]) 
     writer = WavWriter(audio_path(out, UID, pid))
     writer.write(_frames(800, seed))
     writer.flush()
-    save_facts(
-        facts_path(out, UID, pid),
-        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
+    checkpoint_facts(
+        out,
+        pid=pid,
+        slot=0,
+        facts=CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
         file_mode=0o640,
         dir_mode=0o750,
     )
@@ -232,3 +242,103 @@ def test_a_call_whose_consent_said_discard_is_recovered_without_audio(tmp_path: 
     assert doc["consent"]["action"] == "discarded"
     assert not list(out.rglob("*.wav")) and not list(out.rglob("*.part"))
     assert not [p for p in (out / ".spool").rglob("*") if p.is_file()]
+
+
+def _two_checkpoints(out: Path, pid: int, older: dict[str, Any], newer: dict[str, Any]) -> None:
+    """An entry whose recorder checkpointed twice: the older facts in one file, the newer
+    in the other, as ``checkpoint_facts`` alternates them."""
+    (out / ".spool").mkdir(parents=True)
+    writer = WavWriter(audio_path(out, UID, pid))
+    writer.write(_frames(800, 9))
+    writer.flush()
+    slot = 0
+    for seq, sidecar in enumerate((older, newer), start=1):
+        facts = CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar, seq)
+        slot = checkpoint_facts(out, facts, pid, slot, file_mode=0o640, dir_mode=0o750)
+    assert slot == 0
+    assert facts_path(out, UID, pid, 0).is_file() and facts_path(out, UID, pid, 1).is_file()
+
+
+def test_the_newest_whole_checkpoint_is_recovered(tmp_path: Path) -> None:
+    older, newer = _checkpoint_sidecar(), _checkpoint_sidecar()
+    newer["warnings"] = [{"code": "newer", "detail": "the second checkpoint"}]
+    out = tmp_path / "out"
+    _two_checkpoints(out, 4_000_005, older, newer)
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    assert doc["warnings"][0]["code"] == "newer"
+    assert not [p for p in (out / ".spool").iterdir() if p.is_file()]  # both files gone
+
+
+def test_a_checkpoint_torn_by_a_crash_leaves_the_one_before(tmp_path: Path) -> None:
+    older, newer = _checkpoint_sidecar(), _checkpoint_sidecar()
+    older["warnings"] = [{"code": "older", "detail": "the first checkpoint"}]
+    newer["warnings"] = [{"code": "newer", "detail": "the second checkpoint"}]
+    out = tmp_path / "out"
+    pid = 4_000_006
+    _two_checkpoints(out, pid, older, newer)
+    torn = facts_path(out, UID, pid, 1)
+    data = torn.read_bytes()
+    torn.write_bytes(data[: len(data) // 2])  # the write in progress when the power went
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    assert doc["warnings"][0]["code"] == "older"
+    # both torn: nothing to describe the audio, so it is kept aside, not published
+    out2 = tmp_path / "out2"
+    _two_checkpoints(out2, pid, older, newer)
+    for slot in (0, 1):
+        path = facts_path(out2, UID, pid, slot)
+        path.write_bytes(path.read_bytes()[:40])
+    recovered, (damaged_entry,) = recover_spool(out2, alive=lambda pid: False)
+    assert recovered == [] and "unreadable call facts" in damaged_entry.reason
+    assert len(damaged_entry.moved_to) == 3
+
+
+def test_checkpoints_overwrite_in_place_and_never_truncate_to_nothing(tmp_path: Path) -> None:
+    """A shorter checkpoint over a longer one leaves exactly the new JSON (no old tail)."""
+    out = tmp_path / "out"
+    pid = 4_000_007
+    long = _checkpoint_sidecar()
+    long["warnings"] = [{"code": f"w{i}", "detail": "x" * 200} for i in range(50)]
+    short = _checkpoint_sidecar()
+    for seq, (slot, sidecar) in enumerate([(0, long), (1, long), (0, short), (1, short)], 1):
+        checkpoint_facts(
+            out, CallFacts(UID, 1.0, 2.0, sidecar, seq), pid, slot, file_mode=0o640, dir_mode=0o750
+        )
+    for slot in (0, 1):
+        obj = json.loads(facts_path(out, UID, pid, slot).read_text())
+        assert obj["sidecar"]["warnings"] == [] and obj["seq"] == 3 + slot
+
+
+def test_facts_older_than_the_audio_are_stretched_to_it(tmp_path: Path) -> None:
+    """Facts are saved a few flushes apart when only the clock moved: a recovered call still
+    ends no earlier than its recovered audio, and its retention term counts from there."""
+    out = tmp_path / "out"
+    sidecar = _checkpoint_sidecar()  # audio starts 22:13:21.100, facts end 22:13:30.000
+    (out / ".spool").mkdir(parents=True)
+    writer = WavWriter(audio_path(out, UID, 4_000_008))
+    writer.write(_frames(8000 * 12, 10))  # 12 s: to 22:13:33.100
+    writer.flush()
+    checkpoint_facts(
+        out,
+        CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, sidecar),
+        4_000_008,
+        0,
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    validate_sidecar(doc)
+    assert doc["end"] == "2023-11-14T22:13:33.100Z"
+    assert (doc["duration_s"], doc["talk_s"]) == (13.1, 12.1)
+    assert doc["retention"]["delete_after"] == "2024-02-12T22:13:33.100Z"
+    # facts that already reach past the audio are left as they are
+    out2 = tmp_path / "out2"
+    _dead_writer_entry(out2, 4_000_009, 11, _checkpoint_sidecar())  # 800 frames: 0.1 s
+    (recovered,), _damaged = recover_spool(out2, alive=lambda pid: False)
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    assert doc["end"] == "2023-11-14T22:13:30.000Z" and doc["duration_s"] == 10.0
