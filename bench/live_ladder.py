@@ -489,24 +489,44 @@ class ToneCheck:
 
     held: int  # frames that hold the tone (loud, dominant frequency within tolerance)
     silent_s: float  # the longest run of frames below MIN_RMS, seconds
-    other: int  # loud frames whose dominant frequency is another one
+    other: int  # loud frames away from any inserted silence whose dominant frequency is another
+    edges: int  # loud frames next to or holding inserted silence (their spectrum is smeared)
 
 
 def tone_check(channel: np.ndarray, hz: float, start_s: float, end_s: float) -> ToneCheck:
-    """The 20 ms frames from ``start_s`` to ``end_s`` (seconds into the WAV): how many
-    have a dominant frequency is within the tolerance of ``hz`` and whose RMS is well above
-    silence; the longest silent stretch; how many loud frames carry another frequency."""
+    """The 20 ms frames from ``start_s`` to ``end_s`` (seconds into the WAV): how many have
+    a dominant frequency within the tolerance of ``hz`` and an RMS well above silence; the
+    longest silent stretch; how many loud frames carry another frequency.
+
+    A frame that holds the edge of inserted silence (a run of exact zeros: where placement
+    moved on to follow a sender that fell behind its RTP clock), or sits next to one, has a
+    spectrum smeared by the step; those are counted apart (``edges``), not as another tone.
+    (A 0.3 full-scale tone never decodes to several zero samples in a row.)
+    """
     a, b = max(0, round(start_s * RATE)), min(len(channel), round(end_s * RATE))
     n = (b - a) // FRAME
     if n <= 0:
-        return ToneCheck(0, 0.0, 0)
-    x = channel[a : a + n * FRAME].astype(np.float64).reshape(n, FRAME)
+        return ToneCheck(0, 0.0, 0, 0)
+    raw = channel[a : a + n * FRAME].reshape(n, FRAME)
+    x = raw.astype(np.float64)
     loud = np.sqrt((x * x).mean(axis=1)) >= MIN_RMS
     near = np.abs(dominant_hz(x) - hz) <= TONE_TOLERANCE_HZ
+    zero = raw == 0
+    run4 = zero[:, :-3] & zero[:, 1:-2] & zero[:, 2:-1] & zero[:, 3:]
+    holey = run4.any(axis=1) | ~loud
+    edge = holey.copy()
+    edge[1:] |= holey[:-1]
+    edge[:-1] |= holey[1:]
     quiet = np.concatenate(([0], (~loud).astype(np.int8), [0]))
     edges = np.flatnonzero(np.diff(quiet))
     longest = int((edges[1::2] - edges[::2]).max()) if len(edges) else 0
-    return ToneCheck(int((loud & near).sum()), longest * FRAME / RATE, int((loud & ~near).sum()))
+    off = loud & ~near
+    return ToneCheck(
+        int((loud & near).sum()),
+        longest * FRAME / RATE,
+        int((off & ~edge).sum()),
+        int((off & edge).sum()),
+    )
 
 
 def _sidecars(out: Path) -> dict[str, list[tuple[Path, dict[str, Any]]]]:
@@ -529,7 +549,8 @@ def check_call(
     channel holds its side's tone over its talk time — from the side's first packet to the
     end of its last, as they arrived, 0.1 s left out at each end — in at least as many
     20 ms frames (dominant frequency within 5 Hz, RMS well above silence) as 99 % of the
-    packets sent there, with at most 1 % of that number of loud frames of another tone.
+    packets sent there, with at most 1 % of that number of loud frames of another tone away
+    from the edges of inserted silence (:func:`tone_check`).
 
     ``stretches`` gets, per stream, how much longer its packets took to arrive than their
     media lasts (first to last arrival minus 20 ms per packet after the first): a sender

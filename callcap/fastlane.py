@@ -82,7 +82,7 @@ _RECLASSIFY_AFTER: Final = 256
 """Frames after which a block is classified again when flows were learned meanwhile (the
 frames of a new flow take the general path until then)."""
 
-_ROUNDS: Final = 6
+_ROUNDS: Final = 48
 """Rounds of run placement per drain: a run turned down gives one packet to the per-packet
 path and its rest is tried again, up to this many times; then the rest goes packet by
 packet."""

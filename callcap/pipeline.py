@@ -47,7 +47,7 @@ from callcap.recorder import CallRecorder, LossSpan, Publication, Published
 from callcap.sharding import owner_of
 from callcap.storage.audit import AuditLog
 from callcap.storage.layout import spool_dir
-from callcap.storage.spool import SpoolSync
+from callcap.storage.spool import FREE_FILES, SpoolSync
 
 MAX_LOSS_SPANS = 1000
 """Sensor loss spans kept for the calls in flight (a sidecar lists at most this many)."""
@@ -562,6 +562,7 @@ class Pipeline:
         self._handle(self.tracker.close_all(reason, when))
         self.settle()
         self._publisher.shutdown()
+        FREE_FILES.discard()
         self._spool_sync.close()
         self.drops.flush(when)
 

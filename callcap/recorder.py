@@ -507,8 +507,12 @@ class CallRecorder:
         pipeline syncs the spool's filesystem once per flush interval
         (:class:`~callcap.storage.spool.SpoolSync`), which covers a power cut up to the last
         sync.  The recovered sidecar ends at ``now``, with ``end_reason: "recovered"``.
+
+        Nothing is saved for a call not answered yet that has no audio (no early media):
+        recovery would forget it anyway, and most of a call's set-up (INVITE, offer,
+        answer) then costs no checkpoint — nor any file, for a call that never connects.
         """
-        if not self.durable:
+        if not self.durable or (self.call.answer is None and self._writer is None):
             return
         self._checkpointed = self._facts_signature()
         # (after a discard the facts still go on: recovery then publishes the sidecar alone)
@@ -541,11 +545,16 @@ class CallRecorder:
         }
 
     def _facts_signature(self) -> tuple[object, ...]:
-        """What changes in the facts other than by the clock: compared at each flush."""
+        """What changes in the facts other than by the clock: compared at each flush.
+
+        Gaps are not in it: they come back with the periodic checkpoint.  A lossy call (or
+        a sensor that overran) would otherwise be checkpointed at every flush, with a
+        sidecar that grows with its gaps — the cost rising with the loss, just when the
+        recorder is short of time.  Recovery loses at most the gaps of the last few
+        seconds from the list; the audio shows them as silence either way.
+        """
         decision = self.consent.decision
         return (
-            len(self.gaps),
-            self.gaps_omitted,
             len(self.dtmf),
             len(self.warnings),
             len(self.pauses),

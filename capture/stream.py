@@ -411,14 +411,18 @@ class RtpStream:
                 return
 
     def _close_old_gaps(self) -> None:
-        keep = []
-        for gap in self._open_gaps:
-            if self._max_seq - gap.last > MAX_MISORDER:
-                if gap.to_pos > gap.from_pos:
-                    self.closed_gaps.append(Gap(gap.from_pos, gap.to_pos))
-            else:
-                keep.append(gap)
-        self._open_gaps = keep
+        """Close the gaps too old to be filled by a late packet any more.  Open gaps are in
+        sequence order (a new one starts past every other, a filled one splits in place),
+        so those are a prefix: the cost is the gaps closed, not the gaps open."""
+        gaps = self._open_gaps
+        limit = self._max_seq - MAX_MISORDER
+        n = 0
+        while n < len(gaps) and gaps[n].last < limit:
+            gap = gaps[n]
+            if gap.to_pos > gap.from_pos:
+                self.closed_gaps.append(Gap(gap.from_pos, gap.to_pos))
+            n += 1
+        del gaps[:n]
 
 
 def place_runs(
@@ -435,12 +439,14 @@ def place_runs(
 
     Packets ``starts[r]`` up to the next start (or the end) are run ``r`` of ``streams[r]``:
     one payload type ``pts[r]``, ``samples[r]`` media clock units each.  A run is taken when
-    it continues its stream in sequence (each packet the next sequence number after the last
-    one pushed), its stream is anchored and no packet of it would move the anchor — the case
-    of nearly every packet of a healthy stream.  Then the stream ends up exactly as after
-    :meth:`RtpStream.push` packet by packet (the jitter, a recursive filter, up to rounding
-    in the last bits) and the run's timeline positions are returned; any other run (and any
-    run not ``usable``) is left untouched with ``None``, for the caller to push one by one.
+    its packets follow each other in sequence and it continues its stream (its first packet
+    the next sequence number after the last one pushed, or a forward skip short of a restart:
+    loss, whose gap it opens), its stream is anchored and no packet of it would move the
+    anchor — the case of nearly every packet of a healthy stream, and of a lossy one.  Then
+    the stream ends up exactly as after :meth:`RtpStream.push` packet by packet (the
+    jitter, a recursive filter, up to rounding in the last bits) and the run's timeline
+    positions are returned; any other run (and any run not ``usable``) is left untouched
+    with ``None``, for the caller to push one by one.
 
     The point is cost: the per-packet Python of ``push`` is replaced by a few dozen array
     operations over every run of a flush interval at once.
@@ -466,7 +472,11 @@ def place_runs(
 
     ok = usable & (max_seq >= 0) & np.isfinite(anchor) & np.isfinite(last)
     ok &= (lengths > 0) & (lengths <= MAX_RUN)
-    ok &= seqs[starts].astype(np.int64) == (max_seq + 1) & 0xFFFF
+    # A run continues its stream (skip 1) or follows a loss (a forward skip short of a
+    # restart): then it opens a gap, and its first packet is a talk spurt's boundary.
+    skip = (seqs[starts].astype(np.int64) - max_seq) & 0xFFFF
+    ok &= (skip >= 1) & (skip < min(MAX_DROPOUT, 0x8000))
+    after_loss = skip > 1
     # every next packet of a run has the next sequence number (uint16 arithmetic wraps)
     broken = (seqs[1:] - seqs[:-1] != 1) & (sid[1:] == sid[:-1])
     ok &= np.bincount(sid[1:][broken], minlength=n_runs) == 0
@@ -482,13 +492,19 @@ def place_runs(
     transit = (arrivals - origin[sid]) * TIMELINE_RATE - media
     low = np.minimum.reduceat(transit, starts)
     ok &= low >= floor  # no re-anchoring inside the run
+    # ... nor at the boundary after a loss (push's rule there: within ``tolerance``)
+    tolerance = np.array([s.tolerance for s in streams], dtype=np.float64)
+    window_min = np.array([s._window_min for s in streams], dtype=np.float64)
+    head = transit[starts]
+    moved = (head < anchor - tolerance) | (np.minimum(window_min, head) > anchor + tolerance)
+    ok &= ~(after_loss & moved)
     # One talk spurt: each packet's media starts where the one before it ended (a break
     # would be a spurt boundary, where the anchor may move: push decides those).
     positions = np.rint(media + anchor[sid]).astype(np.int64)
     length = np.rint(np.asarray(samples, dtype=np.float64) * scale).astype(np.int64)
     expect = np.empty(total, dtype=np.int64)
     expect[1:] = positions[:-1] + length[sid[:-1]]
-    expect[starts] = prev_end
+    expect[starts] = np.where(after_loss, positions[starts], prev_end)
     ok &= np.bincount(sid[positions != expect], minlength=n_runs) == 0
     if not ok.any():
         return [None] * n_runs
@@ -519,11 +535,24 @@ def place_runs(
     last_position = positions[ends].tolist()
     first_list = starts.tolist()
     end_list = ends.tolist()
+    skips = skip.tolist()
+    first_position = positions[starts].tolist()
     for r, (stream, run_ok, n, low_r) in enumerate(
         zip(streams, ok.tolist(), lengths.tolist(), low.tolist(), strict=True)
     ):
         if not run_ok:
             continue
+        if skips[r] > 1:  # after a loss: what push does with the run's first packet
+            old_max = stream._max_seq
+            jump = old_max + skips[r]
+            stream._missing.update(range(old_max + 1, jump))
+            if len(stream._missing) > 4 * MAX_MISORDER:
+                floor_seq = jump - MAX_MISORDER
+                stream._missing = {m for m in stream._missing if m >= floor_seq}
+            stream._open_gaps.append(
+                _OpenGap(old_max + 1, jump - 1, stream._prev_end, first_position[r])
+            )
+            stream._max_seq = jump - 1  # the run's n packets follow on from here
         stats = stream.stats
         stats.packets += n
         counts = stats.payload_types

@@ -107,7 +107,11 @@ def test_the_daemons_replay_path_with_workers_gives_records_recordings(tmp_path:
     record_out = tmp_path / "record"
     assert _callcap("record", str(capture), "--out", str(record_out)).returncode == 0
     daemon_out = tmp_path / "daemon"
-    config = write_config(tmp_path / "c.yaml", "control:\n  socket: null\n")
+    # (the capture is from 2023: with the default 90 days, the daemon's retention sweep
+    # could delete a recording as soon as it is published)
+    config = write_config(
+        tmp_path / "c.yaml", "control:\n  socket: null\nretention:\n  sweep_interval_s: 0\n"
+    )
     run = _callcap(
         "daemon",
         "--config",

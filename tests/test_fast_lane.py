@@ -268,6 +268,45 @@ def test_place_runs_equals_push_one_by_one_across_wraps(seed: int) -> None:
     assert batched.jitter_mean_ms == pytest.approx(reference.jitter_mean_ms, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_place_runs_after_a_loss_equals_push_one_by_one(seed: int) -> None:
+    """A run that follows lost packets opens their gap itself (a lossy stream, or a sensor
+    that overran, stays on the run path instead of going packet by packet)."""
+    rng = random.Random(100 + seed)
+    packets = _packets(rng, 600, 65536 - rng.randrange(1, 300), rng.randrange(2**32), 500.0)
+    lost = set(rng.sample(range(5, 600), 90))  # 15 % loss, bursts of one to a few
+    lost |= {i + 1 for i in lost if rng.random() < 0.3} - {600}
+    kept = [p for i, p in enumerate(packets) if i not in lost]
+    reference = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=499.0)
+    batched = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=499.0)
+    expected = [reference.push(a, q, t, 0, PTIME) for a, q, t in kept]
+    got: list[int | None] = [batched.push(a, q, t, 0, PTIME) for a, q, t in kept[:3]]
+    # runs of packets in sequence, cut where a packet is missing, one call each
+    runs: list[list[tuple[float, int, int]]] = []
+    for packet in kept[3:]:
+        if runs and (packet[1] - runs[-1][-1][1]) & 0xFFFF == 1:
+            runs[-1].append(packet)
+        else:
+            runs.append([packet])
+    taken_after_loss = 0
+    for run in runs:
+        placed = _place_one(batched, run)
+        assert placed is not None  # every run is taken, gap or not
+        taken_after_loss += 1
+        got.extend(placed.tolist())
+    assert taken_after_loss > 50
+    assert got == expected
+    batched.finish()
+    reference.finish()
+    assert _state(batched) == _state(reference)
+    trailing = sum(
+        1 for i in range(599, 0, -1) if i in lost and all(j in lost for j in range(i, 600))
+    )
+    assert batched.lost == reference.lost == len(lost) - trailing  # never followed: not lost yet
+    assert batched.closed_gaps and len(batched.closed_gaps) == len(reference.closed_gaps)
+    assert batched.jitter == pytest.approx(reference.jitter, rel=1e-9)
+
+
 def test_place_runs_handles_several_streams_and_turns_down_only_the_bad_run() -> None:
     rng = random.Random(3)
     streams = [
