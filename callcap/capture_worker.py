@@ -47,9 +47,6 @@ from callcap.pipeline import Pipeline
 POLL_S: Final = 0.25
 ALIVE_S: Final = 0.5
 DRAIN_S: Final = 1.0
-#: How long after its capture a frame may still be on its way to us (block retirement,
-#: scheduling): the quiet capture's clock stays this far behind the monotonic one.
-DELIVERY_S: Final = 0.1
 EXIT_OK: Final = 0
 EXIT_CAPTURE: Final = 3
 
@@ -125,20 +122,11 @@ class CaptureWorker:
         with source:
             self._send(("ready", {"interfaces": source.interfaces, "filter": bpf}))
             clock = _CaptureClock()
-            allowance = max(DELIVERY_S, 4 * ring.retire_timeout_ms / 1000)
             while not self._stop:
                 polled = source.poll(POLL_S)
                 self._absorb(polled, clock)
                 mono = time.monotonic()
-                # Packets drive the clock while they come (the pipeline ticks on their
-                # timestamps); only a quiet capture is ticked by the monotonic clock, and
-                # then a delivery allowance behind it: a tick must never pass frames the
-                # kernel still holds (a block not yet retired), or their audio would be
-                # written before they are placed — ticks fall between the same frames as
-                # when ``callcap record`` reads a capture of the same wire.
-                now = clock.now(mono) if not polled.blocks else None
-                if now is not None:
-                    now -= allowance
+                now = clock.now(mono)
                 if now is not None and now >= pipeline.next_tick:
                     pipeline.tick(now)
                 self._messages()
