@@ -33,23 +33,24 @@ _M_MMAP_THRESHOLD = -3
 
 
 def _keep_freed_memory() -> bool:
-    """Let glibc's allocator keep freed blocks of up to 8 MiB for reuse (True if it could).
+    """Let glibc's allocator keep freed blocks of up to 32 MiB for reuse (True if it could).
 
     Once a second the pipeline builds arrays of a few MiB per operation — every call's
     payloads, decoded audio, header fields — and drops them.  By default glibc serves blocks
     that size with ``mmap`` and gives them back at once, so every second starts with tens of
-    thousands of page faults on fresh zeroed pages.  With the thresholds at 8 MiB those
-    come from the heap and are reused, and at most 8 MiB of freed heap is kept: measured on
-    1,000 calls in flight, thresholds of 32/128 MiB cost about 50 MB more peak RSS for no
-    CPU time saved, while these keep the peak below glibc's defaults.  Elsewhere than glibc
-    this does nothing.
+    thousands of page faults on fresh zeroed pages: a third of a busy recorder's system time
+    (bench/README.md).  With the thresholds raised they come from the heap and are reused;
+    peak memory barely moves, since the same arrays are needed either way.  Elsewhere than
+    glibc this does nothing.
     """
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 8 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 << 20))
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 128 << 20)
+    )
 
 
 def _raise_open_files() -> None:
