@@ -29,6 +29,8 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, Processor, WrappedLogger
 
+from callcap.storage.sidecar import iso_utc
+
 __all__ = ["RateLimitedDrops", "configure_logging", "get_logger"]
 
 _LEVELS: dict[str, int] = {
@@ -62,23 +64,9 @@ class _CurrentStdout:
         return sys.stdout.isatty()
 
 
-def _iso_ms(epoch: float) -> str:
-    ms = int(epoch * 1000)
-    sec, ms = divmod(ms, 1000)
-    text = _SECONDS.get(sec)
-    if text is None:  # formatted once per second: a busy daemon logs many lines in each
-        if len(_SECONDS) >= 64:
-            _SECONDS.clear()
-        text = _SECONDS[sec] = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-    return f"{text}{ms:03d}Z"
-
-
-_SECONDS: dict[int, str] = {}
-
-
 def _add_timestamp(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     """Wall-clock time of the log event, ISO 8601 UTC to the millisecond (RFC 3339)."""
-    event_dict["ts"] = _iso_ms(time.time())
+    event_dict["ts"] = iso_utc(time.time())
     return event_dict
 
 

@@ -41,8 +41,13 @@ def retention_fields(
     by ``callcap hold add``.
     """
     name, keep = retention_rule(config, facts, consent_status)
+    return retention_doc(name, keep, end)
+
+
+def retention_doc(rule: str | None, keep: Duration, end: float) -> dict[str, Any]:
+    """The sidecar's ``retention`` for a matched rule (None: the default) and its term."""
     return {
-        "rule": name,
+        "rule": rule,
         "keep": keep.text,
         "delete_after": iso_utc(end + keep.seconds),
         "legal_hold": False,
@@ -58,4 +63,4 @@ def retention_rule(
     return (rule.name if rule is not None else None), keep
 
 
-__all__ = ["call_facts", "retention_fields", "retention_rule"]
+__all__ = ["call_facts", "retention_doc", "retention_fields", "retention_rule"]

@@ -35,7 +35,7 @@ from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config, Duration
 from callcap.consent import ConsentDecision, ConsentTracker
 from callcap.errors import StorageError
-from callcap.policy import call_facts, retention_rule
+from callcap.policy import call_facts, retention_doc, retention_rule
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
     PublishedFile,
@@ -487,9 +487,9 @@ class CallRecorder:
         if wrote:
             self._write_until(horizon)
         # Facts first, then the header that commits the audio.  The facts are saved when
-        # what they say changed (a gap, a key, a pause, a warning, a stream, consent) and
-        # every CHECKPOINT_FLUSHES flushes otherwise: between those only the clock and the
-        # counters move, and recovery stretches the facts' end to the audio it finds.
+        # what they say changed (a key, a pause, a warning, a stream, consent) and every
+        # CHECKPOINT_FLUSHES flushes otherwise: between those only the clock, the counters
+        # and the gaps move, and recovery stretches the facts' end to the audio it finds.
         self._flushes += 1
         signature = self._facts_signature()
         if signature != self._checkpointed or self._flushes % CHECKPOINT_FLUSHES == 0:
@@ -536,13 +536,7 @@ class CallRecorder:
             known = self._retention[status] = retention_rule(
                 self.config.retention, self._rule_facts, status
             )
-        rule, keep = known
-        return {
-            "rule": rule,
-            "keep": keep.text,
-            "delete_after": iso_utc(end + keep.seconds),
-            "legal_hold": False,
-        }
+        return retention_doc(*known, end)
 
     def _facts_signature(self) -> tuple[object, ...]:
         """What changes in the facts other than by the clock: compared at each flush.

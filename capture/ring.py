@@ -154,13 +154,29 @@ def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
     if count > most:
         report.corrupt = f"block claims {count} frames, room for at most {most}"
         count = most
-    hdr, fault = _walk(data, first, count, limit)
-    if fault is not None:
-        report.corrupt = fault
-    walked = len(hdr)
+    words = memoryview(data)[: len(data) & ~3].cast("I")
+    offsets = [0] * count
+    at = first
+    walked = 0
+    for i in range(count):
+        if at + FRAME_HDR_SIZE + 20 > limit or at & (V3_ALIGNMENT - 1):
+            report.corrupt = f"frame {i} at offset {at} outside the block or misaligned"
+            break
+        offsets[i] = at
+        walked = i + 1
+        step = words[at >> 2]
+        if step == 0:
+            if i != count - 1:
+                report.corrupt = f"frame chain ends at frame {i} of {count}"
+            break
+        at += step
+    del words
+    if walked < count:
+        offsets = offsets[:walked]
     report.frames = walked
     if not walked:
         return _empty(), report
+    hdr = np.array(offsets, dtype=np.int64)
     snaplen = values_at(data, hdr + _TP_SNAPLEN, "=u4").astype(np.int64)
     wire = values_at(data, hdr + _TP_LEN, "=u4").astype(np.int64)
     mac = values_at(data, hdr + _TP_MAC, "=u2").astype(np.int64)
@@ -177,7 +193,7 @@ def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
     inside = (mac >= SOCKADDR_LL_AT + 20) & (starts + snaplen <= ends)
     if not inside.all():
         bad = int(np.flatnonzero(~inside)[0])
-        report.corrupt = f"frame {bad} at offset {int(hdr[bad])} runs past its space"
+        report.corrupt = f"frame {bad} at offset {offsets[bad]} runs past its space"
         inside[bad:] = False
     cut = snaplen < wire
     outgoing = (pkttype == PACKET_OUTGOING) & (hatype == _LOOPBACK_HATYPE)
@@ -196,64 +212,6 @@ def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
         ),
         report,
     )
-
-
-_PROBE_MIN: Final = 16
-_PROBE_MAX: Final = 4096
-
-
-def _walk(
-    data: bytes, first: int, count: int, limit: int
-) -> tuple[npt.NDArray[np.int64], str | None]:
-    """The offsets of the block's frame headers, following ``tp_next_offset`` from
-    ``first``; and why the chain broke off, if it did.
-
-    Following the chain one frame at a time is a chain of dependent memory reads — a
-    cache miss each on a block fresh from the kernel.  Frames of a call's audio mostly have
-    the same size, hence the same step: the walk guesses that the next frames repeat the
-    current step, checks the guess for all of them with one gather of their
-    ``tp_next_offset`` (independent reads, which the CPU overlaps), keeps the part that
-    holds, and goes on from the first frame that breaks it, guessing wider after a success
-    and narrower after a miss (as the pcap reader's record walk does).
-    """
-    out = np.empty(count, dtype=np.int64)
-    i = 0
-    at = first
-    probe = _PROBE_MIN
-    top = limit - FRAME_HDR_SIZE - 20  # the last offset a frame header may start at
-    while i < count:
-        if at > top or at & (V3_ALIGNMENT - 1):
-            return out[:i], f"frame {i} at offset {at} outside the block or misaligned"
-        (step,) = _U32.unpack_from(data, at)
-        if step == 0:
-            out[i] = at
-            i += 1
-            if i != count:
-                return out[:i], f"frame chain ends at frame {i - 1} of {count}"
-            break
-        if step & (V3_ALIGNMENT - 1) or at + step > top:
-            out[i] = at
-            i += 1
-            at += step  # the next round reports it
-            continue
-        # frames i .. i + n - 1 at at, at + step, ... (as far as the block allows)
-        n = min(count - i, probe, (top - at) // step + 1)
-        guess = at + step * np.arange(n, dtype=np.int64)
-        steps = values_at(data, guess, "=u4")
-        off = np.flatnonzero(steps != step)
-        run = int(off[0]) + 1 if len(off) else n  # frame off[0] is there; its successor not
-        out[i : i + run] = guess[:run]
-        i += run
-        at = int(guess[run - 1]) + int(steps[run - 1])
-        if len(off) and int(steps[run - 1]) == 0:  # the last frame of the chain
-            if i != count:
-                return out[:i], f"frame chain ends at frame {i - 1} of {count}"
-            break
-        probe = min(probe * 2, _PROBE_MAX) if not len(off) else max(_PROBE_MIN, probe // 2)
-    return out[:i], None
-
-
-_U32: Final = struct.Struct("=I")
 
 
 def _linktypes(hatype: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
