@@ -350,6 +350,9 @@ class Daemon:
             ring_blocks_corrupt_total=totals["corrupt_blocks"],
             active_calls=totals["active_calls"],
             recordings_total=totals["recordings"],
+            recordings_failed_total=totals["recordings_failed"],
+            recordings_incomplete_total=totals["recordings_incomplete"],
+            audit_failed_total=totals["audit_failed"],
             workers=len(self.workers),
             cpu_s=round(sum(float(w.stats.get("cpu_s", 0.0)) for w in self.workers), 2),
             rss_mb=_resident_mb(pids),
@@ -475,6 +478,9 @@ _COUNTERS: Final = (
     "rtp_packets",
     "calls_started",
     "recordings",
+    "recordings_failed",
+    "recordings_incomplete",
+    "audit_failed",
 )
 _CAPTURE: Final = {
     "kernel_received": "kernel_packets",

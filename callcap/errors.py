@@ -7,6 +7,8 @@ plain ``ValueError``; :class:`ParseError` subclasses ``ValueError`` so both are 
 
 from __future__ import annotations
 
+import errno
+
 
 class CallcapError(Exception):
     """Base of every error callcap raises on purpose."""
@@ -47,3 +49,26 @@ class ConfigError(CallcapError):
 
 class StorageError(CallcapError):
     """Writing or publishing a recording failed (disk full, permissions …)."""
+
+
+class DiskFullError(StorageError):
+    """A write failed for lack of space (``ENOSPC``, or ``EDQUOT`` for a quota): the
+    recorder then stops audio for the calls in flight and publishes what they hold
+    (:mod:`callcap.storage.reserve` says why)."""
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_error(message: str, code: int | None) -> StorageError:
+    """The error for a failed write whose C ``errno`` was ``code``: a
+    :class:`DiskFullError` when it says the disk (or the quota) is full."""
+    return DiskFullError(message) if code in _NO_SPACE else StorageError(message)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or the ``OSError`` it was raised from) says the disk is full."""
+    if isinstance(exc, DiskFullError):
+        return True
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in _NO_SPACE

@@ -39,7 +39,7 @@ from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
 from callcap.capture.tcp import TcpReassembler
 from callcap.config.schema import Config
 from callcap.consent import ConsentDecision
-from callcap.errors import CallcapError, ParseError
+from callcap.errors import CallcapError, ParseError, StorageError, is_disk_full
 from callcap.fastlane import FastLane, flow_key
 from callcap.logs import RateLimitedDrops
 from callcap.publishing import Outcome, Publisher
@@ -47,6 +47,7 @@ from callcap.recorder import CallRecorder, LossSpan, Publication, Published
 from callcap.sharding import owner_of
 from callcap.storage.audit import AuditLog
 from callcap.storage.layout import spool_dir
+from callcap.storage.reserve import DiskReserve, disk_space
 from callcap.storage.spool import FREE_FILES, SpoolSync
 
 MAX_LOSS_SPANS = 1000
@@ -62,6 +63,13 @@ class PipelineStats:
     recordings: int
     active_calls: int
     drops: dict[str, int]
+    #: publications that failed (nothing of the call reached the archive)
+    recordings_failed: int = 0
+    #: calls whose audio was cut short or not recorded for lack of disk space (or a failed
+    #: spool file): published as partial recordings, or as a sidecar saying why
+    recordings_incomplete: int = 0
+    #: published recordings whose audit entries could not be written
+    audit_failed: int = 0
 
 
 class Pipeline:
@@ -120,7 +128,16 @@ class Pipeline:
         self.sip_messages = 0
         self.calls_started = 0
         self.recordings = 0
+        self.recordings_failed = 0
+        self.recordings_incomplete = 0
+        self.audit_failed = 0
         self.sources: tuple[str, ...] = ()
+        #: Room kept for a full disk (:mod:`callcap.storage.reserve`), taken at the first tick.
+        self._reserve = self._new_reserve()
+        self._reserve_failed = False
+        #: None while the output filesystem has room; else why new calls are not recorded:
+        #: ``disk_low`` (below ``storage.min_free``) or ``disk_full`` (a write failed).
+        self.disk_state: str | None = None
 
     # -- the hot path -----------------------------------------------------------------------------
 
@@ -366,7 +383,10 @@ class Pipeline:
             sources=self.sources,
             on_consent=self._consent_decided,
             losses=self.losses,
+            on_storage_error=self._storage_error,
         )
+        if self.disk_state is not None:
+            rec.stop_audio(self.disk_state, self._disk_reason(self.disk_state, starting=True))
         self.recorders[call.call_id] = rec
         self.calls_started += 1
         self.log.info(
@@ -386,6 +406,97 @@ class Pipeline:
             rec.checkpoint(ts)
         except (OSError, CallcapError) as exc:
             self.drops.drop("spool_write_failed", ts, call_uid=rec.call_uid, detail=str(exc)[:300])
+            if is_disk_full(exc):
+                self._disk_full(str(exc))
+
+    # -- disk space -------------------------------------------------------------------------------
+
+    def _new_reserve(self) -> DiskReserve:
+        return DiskReserve(spool_dir(self.out_dir), self.config.storage.reserve.bytes)
+
+    def _disk_reason(self, state: str, *, starting: bool) -> str:
+        when = "when the call began" if starting else "during the call"
+        if state == "disk_low":
+            min_free = self.config.storage.min_free
+            return f"the output filesystem had less than storage.min_free ({min_free}) free {when}"
+        return f"the output filesystem was full {when}"
+
+    def _storage_error(self, rec: CallRecorder, exc: StorageError) -> None:
+        """A recorder's spool file failed (its audio stopped there): log it, and if the disk
+        is full, stop every call's audio (:mod:`callcap.storage.reserve` says why)."""
+        self.log.warning(
+            "audio_stopped",
+            call_uid=rec.call_uid,
+            reason=rec.audio_stopped,
+            at_s=round(rec.written / 8000, 3),
+            error=str(exc)[:300],
+        )
+        if is_disk_full(exc):
+            self._disk_full(str(exc))
+
+    def _disk_full(self, error: str) -> None:
+        """A write failed for lack of space: free the reserve, end every call's audio where
+        it is (what they hold is published into the freed room), start no new recording."""
+        if self.disk_state == "disk_full":
+            return
+        self.disk_state = "disk_full"
+        released = self._reserve.release_all() if self._reserve.held else 0
+        self.log.error(
+            "disk_full",
+            out_dir=str(self.out_dir),
+            error=error[:300],
+            calls_in_flight=len(self.recorders),
+            reserves_released=released,
+        )
+        reason = self._disk_reason("disk_full", starting=False)
+        for rec in self.recorders.values():
+            rec.stop_audio("disk_full", reason)
+
+    def _watch_disk(self) -> None:
+        """Once per tick: hold the reserve, and follow the free space against
+        ``storage.min_free`` (``disk_low`` below it, ``disk_ok`` once above it again by the
+        reserve's size; after a full disk, once the reserve could be taken back too)."""
+        reserve = self._reserve
+        if self.disk_state != "disk_full" and reserve.lost():
+            self._disk_full("another process writing to this archive found the disk full")
+        space = disk_space(_existing(self.out_dir))
+        if space is None:
+            return
+        available, total = space
+        low = self.config.storage.min_free.of(total)
+        if self.disk_state is None and not reserve.held and not self._reserve_failed:
+            self._take_reserve()  # the first tick (or a new output directory)
+        elif self.disk_state == "disk_full":
+            if available < low + max(2 * reserve.size, 1 << 20) or not self._take_reserve():
+                return
+            self._disk_ok(available)
+            return
+        if low <= 0:
+            return
+        if self.disk_state is None and available < low:
+            self.disk_state = "disk_low"
+            self.log.warning(
+                "disk_low", out_dir=str(self.out_dir), available=available, min_free=low
+            )
+        elif self.disk_state == "disk_low" and available >= low + reserve.size:
+            self._disk_ok(available)
+
+    def _take_reserve(self) -> bool:
+        try:
+            if self._reserve.take():
+                return True
+        except StorageError as exc:
+            self._reserve_failed = True  # e.g. no permission: record without a reserve
+            self.log.error("disk_reserve_failed", out_dir=str(self.out_dir), error=str(exc)[:300])
+            return True
+        if self.disk_state is None:
+            self._disk_full(f"no room for the reserve of {self._reserve.size} bytes")
+        return False
+
+    def _disk_ok(self, available: int) -> None:
+        out_dir = str(self.out_dir)
+        self.log.info("disk_ok", out_dir=out_dir, available=available, was=self.disk_state)
+        self.disk_state = None
 
     def _consent_decided(self, rec: CallRecorder, decision: ConsentDecision) -> None:
         """Log a call's consent decision when it is made (the audit entry follows with the
@@ -453,6 +564,7 @@ class Pipeline:
             publication = rec.prepare(end)
         except (OSError, CallcapError) as exc:
             rec.discard()
+            self.recordings_failed += 1
             self._failed(rec.call_uid, exc)
             return
         doc = publication.doc
@@ -463,6 +575,8 @@ class Pipeline:
             duration_s=doc["duration_s"],
         )
         if publication.writer is None and not publication.write_sidecar:
+            if rec.audio_stopped is not None and rec.call.answer is not None:
+                self.recordings_incomplete += 1  # (record_failed_calls off: no sidecar)
             return  # nothing to publish (a failed call)
         self._publisher.submit(publication)
         self._published(self._publisher.completed())
@@ -489,11 +603,17 @@ class Pipeline:
             if isinstance(result, Exception):
                 if not isinstance(result, OSError | CallcapError):
                     self.internal_error(self.now, result)
+                self.recordings_failed += 1
                 self._failed(publication.call_uid, result)
+                if is_disk_full(result):
+                    self._disk_full(str(result))
                 continue
             outcome, audit_problem = result
             if audit_problem is not None:
+                self.audit_failed += 1
                 self.log.error("audit_failed", call_uid=outcome.call_uid, error=audit_problem)
+            if any(w["code"] in _INCOMPLETE for w in outcome.document.get("warnings") or ()):
+                self.recordings_incomplete += 1
             if outcome.wav is not None:
                 self.recordings += 1
                 self.log.info(
@@ -526,6 +646,7 @@ class Pipeline:
         interval = self._interval
         self._next_tick = (math.floor(now / interval) + 1) * interval
         self._drain_all()
+        self._watch_disk()
         tracker = self.tracker
         for call_id, rec in self.recorders.items():
             if rec.last_rtp:
@@ -536,6 +657,8 @@ class Pipeline:
                 self.drops.drop(
                     "spool_write_failed", now, call_uid=rec.call_uid, detail=str(exc)[:300]
                 )
+                if is_disk_full(exc):
+                    self._disk_full(str(exc))
         if self.recorders:
             # Durable mode: the spool survives a power cut within one interval.  Either way,
             # audio reaches the disk as it is written instead of all at once when calls end
@@ -562,6 +685,7 @@ class Pipeline:
         self._handle(self.tracker.close_all(reason, when))
         self.settle()
         self._publisher.shutdown()
+        self._reserve.close()
         FREE_FILES.discard()
         self._spool_sync.close()
         self.drops.flush(when)
@@ -589,7 +713,13 @@ class Pipeline:
         """A reloaded config applies to calls starting from now on; calls in flight keep theirs
         (their settings and their output directory)."""
         self.config = config
-        self.out_dir = Path(config.recording.out_dir)
+        out_dir = Path(config.recording.out_dir)
+        if out_dir != self.out_dir or config.storage.reserve.bytes != self._reserve.size:
+            self._reserve.close()  # taken again, where it now belongs, at the next tick
+            self.out_dir = out_dir
+            self._reserve = self._new_reserve()
+            self._reserve_failed = False
+            self.disk_state = None
         self.audit = self._audit_for(self.out_dir)
         self._sip_ports = frozenset(config.capture.sip_ports)
         self._detect_any = config.capture.detect_sip_any_port
@@ -613,7 +743,21 @@ class Pipeline:
             recordings=self.recordings,
             active_calls=len(self.recorders),
             drops=dict(self.drops.totals),
+            recordings_failed=self.recordings_failed,
+            recordings_incomplete=self.recordings_incomplete,
+            audit_failed=self.audit_failed,
         )
+
+
+_INCOMPLETE = frozenset({"disk_full", "disk_low", "audio_write_failed"})
+"""Warning codes of a recording cut short or not made (:meth:`CallRecorder.stop_audio`)."""
+
+
+def _existing(path: Path) -> Path:
+    """``path``, or its nearest existing parent (the output directory is made lazily)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def _short(value: str | None, limit: int = 200) -> str | None:

@@ -7,6 +7,10 @@ everything).  Each worker publishes its own recordings into the same output dire
 audit log is one chain however many processes append to it — and prints their paths as they
 are published; the parent waits for all of them and reports one ``record_finished``.  Only
 worker 0 reports problems with the capture files themselves, so that each is said once.
+
+The exit status is 0 when every call was recorded whole, 1 (:data:`EXIT_FAILED`) when a
+recording failed, was cut short or not made for lack of disk space, or missed its audit
+entry, and 2 (:data:`EXIT_INPUT`, which wins) when the config or a capture is unreadable.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from callcap.recorder import Published
 from callcap.workers import start_worker, wait_any
 
 EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
 EXIT_INPUT: Final = 2
 
 
@@ -130,15 +135,23 @@ def _record(job: RecordJob, index: int, count: int) -> tuple[int, dict[str, Any]
             log.info("capture_done", file=name, packets=reader.packets)
     pipeline.close("capture_end")
     st = pipeline.stats()
+    if st.recordings_failed or st.recordings_incomplete or st.audit_failed:
+        status = max(status, EXIT_FAILED)
     return status, {
         "frames": st.frames,
         "rtp_packets": st.rtp_packets,
         "sip_messages": st.sip_messages,
         "calls": st.calls_started,
         "recordings": st.recordings,
+        "recordings_failed": st.recordings_failed,
+        "recordings_incomplete": st.recordings_incomplete,
+        "audit_failed": st.audit_failed,
         "rtp_other_worker": pipeline.counters["rtp_other_worker"],
         "drops": dict(st.drops),
     }
+
+
+_FAILURES = ("recordings_failed", "recordings_incomplete", "audit_failed")
 
 
 def _sum(all_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -146,11 +159,12 @@ def _sum(all_stats: Sequence[dict[str, Any]]) -> dict[str, Any]:
     recordings are each worker's own."""
     drops: Counter[str] = Counter()
     out: dict[str, Any] = {"frames": 0, "rtp_packets": 0, "sip_messages": 0}
-    out |= {"calls": 0, "recordings": 0, "rtp_other_worker": 0}
+    counted = ("rtp_packets", "calls", "recordings", "rtp_other_worker", *_FAILURES)
+    out |= dict.fromkeys(counted, 0)
     for stats in all_stats:
         out["frames"] = max(out["frames"], int(stats.get("frames", 0)))
         out["sip_messages"] = max(out["sip_messages"], int(stats.get("sip_messages", 0)))
-        for key in ("rtp_packets", "calls", "recordings", "rtp_other_worker"):
+        for key in counted:
             out[key] += int(stats.get(key, 0))
         for reason, n in stats.get("drops", {}).items():
             drops[reason] = max(drops[reason], int(n))  # every worker saw every bad frame

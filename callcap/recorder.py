@@ -34,7 +34,7 @@ from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config, Duration
 from callcap.consent import ConsentDecision, ConsentTracker
-from callcap.errors import StorageError
+from callcap.errors import DiskFullError, StorageError
 from callcap.policy import call_facts, retention_doc, retention_rule
 from callcap.storage.layout import ensure_dir, make_call_uid, recording_stem
 from callcap.storage.publish import (
@@ -219,6 +219,7 @@ class CallRecorder:
         sources: tuple[str, ...] = (),
         on_consent: Callable[[CallRecorder, ConsentDecision], None] | None = None,
         losses: Sequence[LossSpan] = (),
+        on_storage_error: Callable[[CallRecorder, StorageError], None] | None = None,
     ) -> None:
         self.call = call
         #: Capture-time spans in which the sensor itself lost frames (the pipeline's list,
@@ -271,6 +272,10 @@ class CallRecorder:
         self.discarded = False
         #: Tone detection runs only for the consent window (``dtmf.inband`` is off).
         self._inband_for_consent = False
+        #: Why no more audio is written (``disk_full``, ``disk_low``, ``audio_write_failed``):
+        #: the recording ends where its audio ends (:meth:`stop_audio`).
+        self.audio_stopped: str | None = None
+        self.on_storage_error = on_storage_error
         if config.dtmf.inband or self.consent.listens_inband:
             self._inband = [InbandDtmfDetector(), InbandDtmfDetector()]
             self._inband_for_consent = not config.dtmf.inband
@@ -379,6 +384,32 @@ class CallRecorder:
             out[a - start : b - start] = 0
         return out
 
+    def stop_audio(self, code: str, detail: str) -> None:
+        """Write no more audio for this call (the disk is full or low, or its spool file
+        failed): the audio written so far is kept and published as a partial recording, and
+        a warning says why and what span it covers.  Signalling, keys and stream statistics
+        are still followed to the call's end."""
+        if self.audio_stopped is not None:
+            return
+        self.audio_stopped = code
+        for pending in self._pending:
+            pending.clear()
+        self._carry = None
+        if self._writer is None:
+            self.warn(code, f"{detail}: no audio of this call was recorded")
+        else:
+            covered = self.written / TIMELINE_RATE
+            self.warn(code, f"{detail}: the audio covers 0.000-{covered:.3f} s and ends there")
+
+    def _write_failed(self, exc: StorageError) -> None:
+        """The spool file could not be created or written: stop here, tell the pipeline."""
+        if isinstance(exc, DiskFullError):
+            self.stop_audio("disk_full", "the output filesystem is full")
+        else:
+            self.stop_audio("audio_write_failed", f"writing the audio failed ({exc})")
+        if self.on_storage_error is not None:
+            self.on_storage_error(self, exc)
+
     def warn(self, code: str, detail: str) -> None:
         key = f"{code}\x00{detail}"
         if key in self._warned or len(self.warnings) >= MAX_WARNINGS:
@@ -476,6 +507,9 @@ class CallRecorder:
             for pending in self._pending:
                 pending.clear()
             return
+        if self.audio_stopped is not None:
+            for pending in self._pending:
+                pending.clear()  # what arrives after the stop is never written
         if self.origin is None:
             self._settle_consent(now)
             return
@@ -483,7 +517,7 @@ class CallRecorder:
             ctx.stream.end_window()
             self._collect_gaps(ctx)
         horizon = int((now - self.origin) * TIMELINE_RATE) - self._jitter
-        wrote = horizon > self.written
+        wrote = horizon > self.written and self.audio_stopped is None
         if wrote:
             self._write_until(horizon)
         # Facts first, then the header that commits the audio.  The facts are saved when
@@ -609,9 +643,14 @@ class CallRecorder:
         write_sidecar = answered or self.config.recording.record_failed_calls
         writer: WavWriter | None = None
         audio_format, frames = "WAV", 0
+        if keep_audio and self._writer is None:
+            if self.audio_stopped is None:
+                try:
+                    self._ensure_writer()
+                except StorageError as exc:
+                    self._write_failed(exc)
+            keep_audio = self._writer is not None  # stopped before any audio: sidecar only
         if keep_audio:
-            if self._writer is None:
-                self._ensure_writer()
             writer = self._writer
             assert writer is not None
             audio_format = writer.format
@@ -666,8 +705,11 @@ class CallRecorder:
     ) -> _StreamContext:
         if self.origin is None:
             self.origin = arrival
-            if not self.discarded:
-                self._ensure_writer()
+            if not self.discarded and self.audio_stopped is None:
+                try:
+                    self._ensure_writer()
+                except StorageError as exc:
+                    self._write_failed(exc)
         src, sport, dst, dport, ssrc = key
         stream = RtpStream(
             src=(ip_text(src), sport),
@@ -859,7 +901,7 @@ class CallRecorder:
         """
         start = self.written
         n = horizon - start
-        if n <= 0 or self.discarded:
+        if n <= 0 or self.discarded or self.audio_stopped is not None:
             return
         carry = self._carry
         length = max(n, 0 if carry is None else len(carry))
@@ -891,7 +933,14 @@ class CallRecorder:
         w = n if final or self._inband is None else max(0, n - INBAND_HOLD)
         writer = self._writer
         assert writer is not None
-        writer.write(self._silenced(block[:w], start))
+        before = writer.frames
+        try:
+            writer.write(self._silenced(block[:w], start))
+        except StorageError as exc:
+            self.written = start + (writer.frames - before)  # the frames that did land
+            self._carry = None
+            self._write_failed(exc)
+            return
         self._carry = block[w:].copy() if length > w else None
         self.written = start + w
 

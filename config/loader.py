@@ -333,7 +333,9 @@ class _Builder:
         if origin is dict:
             return self._dict(node, tp, path)
         if isinstance(tp, type) and hasattr(tp, "EXPECTED") and hasattr(tp, "parse"):
-            if not isinstance(node, ScalarNode) or node.tag != _STR:
+            # a class may take a plain whole number as its text too (``reserve: 0`` is a size)
+            tags = (_STR, _INT) if getattr(tp, "TAKES_INTEGERS", False) else (_STR,)
+            if not isinstance(node, ScalarNode) or node.tag not in tags:
                 self.fail(node, path, f"expected {tp.EXPECTED}, got {_describe(node)}")
             try:
                 return tp.parse(node.value)

@@ -18,7 +18,8 @@ Per-field rules travel in ``field(metadata=…)`` so they sit next to the field 
     names); the error points at the repeated one.
 
 Two more hooks live on classes: a class with ``parse(text)`` and ``EXPECTED`` (a phrase such
-as "a duration like 90d") is read from a YAML string (:class:`Duration`, :class:`Network`),
+as "a duration like 90d") is read from a YAML string (:class:`Duration`, :class:`Network`;
+:class:`Space`, whose ``TAKES_INTEGERS`` is true, from a plain whole number too),
 and a dataclass with ``config_problems()`` returning ``(field, problem)`` pairs gets checks
 across its fields, each located to that field's line.
 
@@ -85,6 +86,72 @@ class Duration:
 
     def __str__(self) -> str:
         return self.text
+
+
+_SPACE_UNITS: dict[str, int] = {
+    "": 1,
+    "B": 1,
+    "K": 1000,
+    "KB": 1000,
+    "KIB": 1 << 10,
+    "M": 1000**2,
+    "MB": 1000**2,
+    "MIB": 1 << 20,
+    "G": 1000**3,
+    "GB": 1000**3,
+    "GIB": 1 << 30,
+    "T": 1000**4,
+    "TB": 1000**4,
+    "TIB": 1 << 40,
+}
+_SPACE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,3}))? ?([A-Za-z]{0,3}|%)")
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    """An amount of disk space: bytes with an optional unit (``512MiB``, ``2GB``, ``0``) or
+    a share of the filesystem it applies to (``5%``).
+
+    ``text`` is kept as written for messages; :meth:`of` gives the bytes on a filesystem of
+    a given size (a share is only known there).
+    """
+
+    text: str
+    bytes: int
+    percent: float | None = None
+
+    EXPECTED: ClassVar[str] = "a size like 512MiB or a share like 5%"
+    TAKES_INTEGERS: ClassVar[bool] = True  # a plain number of bytes
+
+    @classmethod
+    def parse(cls, text: str) -> Space:
+        match = _SPACE_RE.fullmatch(text.strip())
+        if match is None:
+            raise ValueError(f"expected {cls.EXPECTED}, got {text[:40]!r}")
+        whole, frac, unit = match.groups()
+        number = float(f"{whole}.{frac or 0}")
+        if unit == "%":
+            if number > 100:
+                raise ValueError(f"a share must be at most 100%, got {text!r}")
+            return cls(text, 0, number)
+        scale = _SPACE_UNITS.get(unit.upper())
+        if scale is None:
+            raise ValueError(
+                f"unknown unit {unit!r} in {text!r}"
+                " (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB or %)"
+            )
+        return cls(text, round(number * scale))
+
+    def of(self, total: int) -> int:
+        """The bytes this amount is on a filesystem of ``total`` bytes."""
+        return self.bytes if self.percent is None else round(total * self.percent / 100)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _bytes_only(value: Space) -> str | None:
+    return None if value.percent is None else f"must be a size in bytes, not a share ({value})"
 
 
 def _positive(value: float) -> str | None:
@@ -187,6 +254,21 @@ class RecordingConfig:
     record_failed_calls: bool = False
     file_mode: int = field(default=0o640, metadata={"octal": True})
     dir_mode: int = field(default=0o750, metadata={"octal": True})
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Room on the output filesystem (:mod:`callcap.storage.reserve` says what happens
+    when it runs out)."""
+
+    #: Below this much free space no new recording is started (``disk_low``); calls in
+    #: flight go on while there is room.  ``0`` turns the check off.
+    min_free: Space = field(default_factory=lambda: Space.parse("2%"))
+    #: Kept back so that a full disk still lets the calls in flight be published, their
+    #: sidecars and audit entries written.  ``0`` keeps none.
+    reserve: Space = field(
+        default_factory=lambda: Space.parse("16MiB"), metadata={"check": _bytes_only}
+    )
 
 
 DTMF_DIGITS = "0123456789*#ABCD"
@@ -422,6 +504,7 @@ class Config:
     calls: CallsConfig = field(default_factory=CallsConfig)
     rtp: RtpConfig = field(default_factory=RtpConfig)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     consent: ConsentConfig = field(default_factory=ConsentConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from callcap.errors import StorageError
+from callcap.errors import StorageError, storage_error
 from callcap.storage.layout import ensure_dir
 from callcap.storage.publish import fsync_dir
 from callcap.storage.sidecar import iso_utc
@@ -217,6 +217,7 @@ class AuditWriter:
         except (TypeError, ValueError) as exc:
             raise StorageError(f"cannot serialise audit entry {event}: {exc}") from exc
         data = (b"\n" if self._torn else b"") + line + b"\n"
+        size = os.lseek(fd, 0, os.SEEK_END)
         try:
             view = memoryview(data)
             while view:
@@ -224,7 +225,14 @@ class AuditWriter:
             if sync:
                 os.fsync(fd)
         except OSError as exc:
-            raise StorageError(f"cannot append to the audit log: {exc.strerror or exc}") from exc
+            # A line cut short (the disk filled mid-write) is taken back, so the chain stays
+            # whole for the next append; if even that fails the next append starts a new line.
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                self._torn = True
+            message = f"cannot append to the audit log: {exc.strerror or exc}"
+            raise storage_error(message, exc.errno) from exc
         self._torn = False
         self._prev = line_hash(line)
         self._seq += 1

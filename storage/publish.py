@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from callcap.errors import StorageError
+from callcap.errors import StorageError, storage_error
 from callcap.storage.layout import ensure_dir
 
 _BLOCK = 1 << 20
@@ -157,7 +157,7 @@ def stage_json(
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise StorageError(f"cannot write {final}: {exc.strerror or exc}") from exc
+        raise storage_error(f"cannot write {final}: {exc.strerror or exc}", exc.errno) from exc
     return StagedJson(tmp, final, len(data), hashlib.sha256(data).hexdigest())
 
 

@@ -45,7 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from callcap.errors import StorageError
+from callcap.errors import StorageError, storage_error
 from callcap.storage.layout import ensure_dir, recording_stem, spool_dir, unique_stem
 from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
 from callcap.storage.sidecar import iso_utc, validate_sidecar
@@ -58,6 +58,7 @@ FACTS_ALT_SUFFIX = ".call.alt.json"
 FACTS_SUFFIXES = (FACTS_SUFFIX, FACTS_ALT_SUFFIX)
 DAMAGED = "damaged"
 FREE = "free"
+RESERVE = "reserve"  # the room kept for a full disk (callcap.storage.reserve), per process
 FREE_MARK = b"free\n"  # what a free checkpoint file holds (never a call's facts)
 MAX_FREE = 8192  # free checkpoint files one process keeps for reuse (per spool)
 RECOVERED_WARNING = "recovered_from_spool"
@@ -176,7 +177,7 @@ class FactsFiles:
                 at += os.pwrite(fd, view[at:], at)
             os.ftruncate(fd, len(data))  # never to 0: that too starts a write-back on ext4
         except OSError as exc:
-            raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise storage_error(f"cannot write {path}: {exc.strerror or exc}", exc.errno) from exc
         self.slot = 1 - self.slot
 
     def _open(self, path: Path) -> int:
@@ -422,6 +423,7 @@ def recover_spool(
         return [], []
     entries: dict[tuple[str, int], dict[str, Path]] = {}
     _remove_free(spool / FREE, alive)
+    _remove_free(spool / RESERVE, alive)  # a crashed writer's reserve: its room comes back
     for path in sorted(spool.iterdir()):
         temp = _TEMP.match(path.name)
         if temp is not None and not alive(int(temp.group("pid"))):
@@ -449,7 +451,7 @@ def recover_spool(
 
 
 def _remove_free(free: Path, alive: Callable[[int], bool]) -> None:
-    """Remove the free checkpoint files of writers that are gone."""
+    """Remove the free checkpoint files (or reserves) of writers that are gone."""
     try:
         names = os.listdir(free)
     except OSError:

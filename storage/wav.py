@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import soundfile
 
-from callcap.errors import StorageError
+from callcap.errors import StorageError, storage_error
 
 SFC_UPDATE_HEADER_NOW = 0x1060
 SFC_RF64_AUTO_DOWNGRADE = 0x1210
@@ -117,10 +117,15 @@ class WavWriter:
             self._file._file, soundfile._ffi.from_buffer("short[]", frames), n
         )
         if written != n:
+            code = soundfile._ffi.errno  # the C errno of the failed write(2)
             error = soundfile._ffi.string(soundfile._snd.sf_strerror(self._file._file))
-            raise StorageError(
+            # The frames that did reach the file are part of it: the caller's timeline
+            # must go on from there, not from where it asked to be.
+            self._frames += max(0, int(written))
+            raise storage_error(
                 f"cannot write {self.path}: {error.decode('utf-8', 'replace')}"
-                f" ({written} of {n} frames written)"
+                f" ({written} of {n} frames written)",
+                code,
             )
         self._frames += n
 
