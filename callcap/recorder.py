@@ -870,12 +870,20 @@ class CallRecorder:
             self.resume("dtmf", end)
 
     def _gap(self, side: str, start: int, end: int) -> None:
+        """Note missing audio at timeline samples ``start..end``, clipped to the timeline.
+
+        A packet can be placed before sample 0 (a late or reordered packet of a stream
+        whose anchor moved down since, as when the sender's timestamps jumped): the
+        recording never covered that time, so nothing of it is missing from the audio.
+        Such a packet is still counted ``late`` (by :meth:`push` or :meth:`queue_run`) but
+        leaves no gap here."""
+        start = max(0, start)
         if end <= start:
             return
         if len(self.gaps) >= MAX_GAPS:
             self.gaps_omitted += 1
             return
-        self.gaps.append((side, max(0, start), end))
+        self.gaps.append((side, start, end))
 
     def _collect_gaps(self, ctx: _StreamContext) -> None:
         closed = ctx.stream.closed_gaps
@@ -1026,7 +1034,7 @@ class CallRecorder:
             if ctx.stream.stats.packets
         ]
         losses = self._loss_spans()
-        merged = _merge_gaps(self.gaps)
+        merged = _merge_gaps(self.gaps, self.written)
         gaps = [
             {
                 "side": side,
@@ -1190,10 +1198,14 @@ def _overlaps(spans: list[tuple[int, int, str]], a: int, b: int) -> bool:
     return any(a <= end + LOSS_SLACK and b >= start - LOSS_SLACK for start, end, _r in spans)
 
 
-def _merge_gaps(gaps: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+def _merge_gaps(gaps: list[tuple[str, int, int]], length: int) -> list[tuple[str, int, int]]:
+    """Each side's gaps merged where they touch, clipped to the ``length`` samples written.
+
+    A gap marks a stretch of the audio: a late packet straddling the last sample written (at
+    a checkpoint, or the call's end) reaches past it, and that part is not in the audio."""
     merged: list[tuple[str, int, int]] = []
     for side in CHANNELS:
-        spans = sorted((a, b) for s, a, b in gaps if s == side)
+        spans = sorted((a, min(b, length)) for s, a, b in gaps if s == side and a < length)
         for a, b in spans:
             if merged and merged[-1][0] == side and a <= merged[-1][2]:
                 merged[-1] = (side, merged[-1][1], max(b, merged[-1][2]))

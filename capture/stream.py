@@ -400,13 +400,25 @@ class RtpStream:
         self._last_transit = _NEVER
 
     def _fill_gap(self, ext: int, start: int, end: int) -> None:
+        """A reordered packet ``ext`` came, placed at ``start..end``: its gap is split around it.
+
+        Only the part of the packet inside the gap's span fills it.  When the anchor moved
+        between the loss and the packet's arrival, the packet lands elsewhere (even before
+        the timeline's origin) and the hole it left stays a hole: the pieces never reach
+        outside the gap's own span, and a piece no missing packet is left to fill is final."""
         for i, gap in enumerate(self._open_gaps):
             if gap.first <= ext <= gap.last:
+                start = min(max(start, gap.from_pos), gap.to_pos)
+                end = min(max(end, start), gap.to_pos)
                 pieces = []
                 if ext > gap.first:
                     pieces.append(_OpenGap(gap.first, ext - 1, gap.from_pos, start))
+                elif start > gap.from_pos:
+                    self.closed_gaps.append(Gap(gap.from_pos, start))
                 if ext < gap.last:
                     pieces.append(_OpenGap(ext + 1, gap.last, end, gap.to_pos))
+                elif gap.to_pos > end:
+                    self.closed_gaps.append(Gap(end, gap.to_pos))
                 self._open_gaps[i : i + 1] = pieces
                 return
 
