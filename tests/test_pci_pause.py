@@ -143,7 +143,7 @@ def test_card_digits_keyed_while_paused_are_in_no_file(tmp_path: Path) -> None:
     assert tones_in(audio[:, 1]) == "*7"
     assert tones_in(audio[:, 0]) == ""
     out = tmp_path / "out"
-    assert not list((out / ".spool").iterdir())
+    assert not [p for p in (out / ".spool").rglob("*") if p.is_file()]
     # the audit log records the pause (with the same span) before the recording itself
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
     assert [e["event"] for e in audit] == ["pause", "recording_published"]
