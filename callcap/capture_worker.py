@@ -39,6 +39,7 @@ import structlog
 from callcap.capture.bpf import build_filter
 from callcap.capture.live import CaptureEvent, LiveCapture, Polled, RingSpec
 from callcap.capture.pcapfile import CaptureReader
+from callcap.capture.wallclock import WallClockSteps
 from callcap.config.schema import Config
 from callcap.errors import CaptureError
 from callcap.logs import get_logger
@@ -81,6 +82,7 @@ class CaptureWorker:
         self._next_stats = 0.0
         self._overruns: dict[str, float] = {}  # interface → monotonic start of its overrun
         self._source: LiveCapture | None = None
+        self._steps: WallClockSteps | None = None  # live capture only
 
     def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
         self._stop = True
@@ -122,8 +124,10 @@ class CaptureWorker:
         with source:
             self._send(("ready", {"interfaces": source.interfaces, "filter": bpf}))
             clock = _CaptureClock()
+            steps = self._steps = WallClockSteps()
             while not self._stop:
                 polled = source.poll(POLL_S)
+                self._wall_clock(steps, clock)
                 self._absorb(polled, clock)
                 mono = time.monotonic()
                 now = clock.now(mono)
@@ -134,23 +138,51 @@ class CaptureWorker:
             self._shutdown(source, clock)
         return EXIT_OK
 
+    def _wall_clock(self, steps: WallClockSteps, clock: _CaptureClock) -> None:
+        """A step of the wall clock (NTP, an admin) is taken out of the kernel's frame
+        stamps while calls are in flight; with none in flight the capture takes up the
+        wall clock again (see :mod:`callcap.capture.wallclock`)."""
+        pipeline = self.pipeline
+        step = steps.check()
+        if step is not None:
+            pipeline.counters["wall_clock_steps"] += 1
+            self.log.warning(
+                "wall_clock_step",
+                step_s=round(step, 6),
+                active_calls=len(pipeline.recorders),
+                detail="calls in flight keep the clock they began with",
+            )
+        if steps.shift and not pipeline.recorders and not pipeline.tracker.calls:
+            moved = steps.rebase()
+            if moved < 0:  # no call in flight: nothing is placed against the old clock
+                pipeline.restart_clock()
+            clock.reset()
+            self.log.info("wall_clock_taken_up", moved_s=round(moved, 6))
+
     def _absorb(self, polled: Polled, clock: _CaptureClock) -> None:
         """One wake-up's blocks into the pipeline, its capture events into the log."""
+        steps = self._steps
         for event in polled.events:
             self._event(event)
         for loss in polled.losses:
-            self.pipeline.capture_loss(loss.start, loss.end, loss.reason)
+            start, end = loss.start, loss.end
+            if steps is not None:
+                start, end = steps.correct_time(start), steps.correct_time(end)
+            self.pipeline.capture_loss(start, end, loss.reason)
             self.log.warning(
                 "capture_loss",
                 interface=loss.interface,
                 reason=loss.reason,
-                from_ts=round(loss.start, 6),
-                to_ts=round(loss.end, 6),
+                from_ts=round(start, 6),
+                to_ts=round(end, 6),
                 frames=loss.frames,
             )
         if polled.blocks:
-            self.pipeline.run_live(polled.blocks)
-            clock.saw(float(polled.blocks[-1].times.max()), time.monotonic())
+            blocks = polled.blocks
+            if steps is not None:
+                blocks = [steps.correct(block) for block in blocks]
+            self.pipeline.run_live(blocks)
+            clock.saw(float(blocks[-1].times.max()), time.monotonic())
 
     def _event(self, event: CaptureEvent) -> None:
         log = self.log
@@ -283,6 +315,10 @@ class _CaptureClock:
     def __init__(self) -> None:
         self._ts: float | None = None
         self._mono = 0.0
+
+    def reset(self) -> None:
+        """The frames' clock was taken up anew: the next frame sets it."""
+        self._ts = None
 
     def saw(self, ts: float, mono: float) -> None:
         if self._ts is None or ts >= self._ts:

@@ -37,6 +37,7 @@ from callcap.capture.media import MediaRouter, ip_text, pack_ip
 from callcap.capture.rtp import parse_rtp
 from callcap.capture.sip import SipMessage, SipStreamFramer, looks_like_sip
 from callcap.capture.tcp import TcpReassembler
+from callcap.capture.timeguard import ClockStep, TimeGuard
 from callcap.config.schema import Config
 from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError, StorageError, is_disk_full
@@ -122,6 +123,14 @@ class Pipeline:
         self._interval = config.rtp.flush_interval_ms / 1000.0
         self._next_tick = -math.inf
         self.now = -math.inf
+        #: the newest time a tick ran at (a live capture ticks while no frame comes)
+        self._ticked = -math.inf
+        #: Frame times the capture clock cannot contain are sorted out before they reach a
+        #: call (:mod:`callcap.capture.timeguard`): no call can hold a silence longer than
+        #: its inactivity timeout, so no frame may move the clock further than that.
+        self._guard = TimeGuard(
+            config.calls.inactivity_timeout_s, self._capture_clock, on_fault=self._time_fault
+        )
         self.frames = 0
         self.bytes = 0
         self.rtp_packets = 0
@@ -152,7 +161,12 @@ class Pipeline:
         (:mod:`callcap.fastlane`); everything it queued is placed before this returns."""
         lane = self.lane
         try:
-            for block in blocks:
+            for block in self._guard.blocks(blocks):
+                if isinstance(block, ClockStep):
+                    self._clock_step(block)
+                else:
+                    lane.run_block(block)
+            for block in self._guard.release():  # the capture ends: no frame is held back
                 lane.run_block(block)
         finally:
             self._drain_all()
@@ -160,10 +174,14 @@ class Pipeline:
     def run_live(self, blocks: Iterable[FrameBlock]) -> None:
         """:meth:`run_blocks` for a live source: what the fast lane queued stays queued
         (until the next tick, or until it must be placed), so that a wake-up of a few
-        milliseconds' frames does not cost a placement of every call."""
+        milliseconds' frames does not cost a placement of every call.  A last frame whose
+        time is in doubt waits for the next wake-up's first (see :class:`TimeGuard`)."""
         lane = self.lane
-        for block in blocks:
-            lane.run_block(block)
+        for block in self._guard.blocks(blocks):
+            if isinstance(block, ClockStep):
+                self._clock_step(block)
+            else:
+                lane.run_block(block)
 
     def _drain_all(self) -> None:
         """Place everything the fast lane holds, then publish the calls that waited for it."""
@@ -635,6 +653,59 @@ class Pipeline:
 
     # -- time -------------------------------------------------------------------------------
 
+    def _capture_clock(self) -> float:
+        return max(self.now, self._ticked)
+
+    def _time_fault(self, ts: float, given: float) -> None:
+        """A frame stamped far from its neighbours (a corrupt record header): it goes on at
+        the capture clock, so that it neither moves every call's timeline nor is lost."""
+        self.drops.drop(
+            "capture_time_fault",
+            given,
+            detail=f"a frame stamped {ts!r} among frames at {given:.6f}: re-stamped at the latter",
+        )
+        self.warn_active(
+            "capture_time_fault",
+            "frames stamped far from every frame around them (corrupt capture times) were "
+            "re-stamped at the capture clock while this call was in flight",
+        )
+
+    def _clock_step(self, step: ClockStep) -> None:
+        """The capture clock jumped by more than a call may stay quiet, and frames keep
+        coming at the new time: captures of different times joined, a host clock set.
+
+        No call in flight can span the step.  Forwards, every call in flight is idle past
+        its inactivity timeout at the new time: they end as ``timeout`` at their last
+        packet, as the tick would end them — but before it, so that no tick writes the
+        step as silence.  Backwards, they end as ``capture_end`` at the old clock, and the
+        clock starts again at the new time.  Either way each sidecar says so.
+        """
+        self.counters["capture_clock_steps"] += 1
+        active = len(self.recorders)
+        (self.log.warning if active else self.log.info)(
+            "capture_clock_step",
+            from_ts=round(step.before, 6),
+            to_ts=round(step.after, 6),
+            step_s=round(step.seconds, 3),
+            active_calls=active,
+        )
+        self.warn_active(
+            "capture_clock_step",
+            f"the capture clock stepped by {step.seconds:+.3f} s (from {step.before:.3f} to "
+            f"{step.after:.3f}): the call ends where it did",
+        )
+        self._drain_all()
+        for call_id, rec in self.recorders.items():
+            if rec.last_rtp:
+                self.tracker.touch(call_id, rec.last_rtp)
+        if step.after > step.before:
+            self._handle(self.tracker.expire(step.after))
+            # what ended is placed and published at the tick of the new time
+        else:
+            self._handle(self.tracker.close_all("capture_end", step.before))
+            self._drain_all()
+            self.restart_clock()
+
     def tick(self, now: float) -> None:
         """Once per flush interval of capture time: write audio blocks, end idle calls.
 
@@ -645,6 +716,7 @@ class Pipeline:
         """
         interval = self._interval
         self._next_tick = (math.floor(now / interval) + 1) * interval
+        self._ticked = max(self._ticked, now)
         self._drain_all()
         self._watch_disk()
         tracker = self.tracker
@@ -679,6 +751,9 @@ class Pipeline:
         when = ts if ts is not None else self.now
         if not math.isfinite(when):
             when = 0.0
+        for block in self._guard.release():  # a live frame held back by the time guard
+            self.lane.run_block(block)
+        self._drain_all()
         for call_id, rec in list(self.recorders.items()):
             if rec.last_rtp:
                 self.tracker.touch(call_id, rec.last_rtp)
@@ -732,6 +807,7 @@ class Pipeline:
         the old clock.
         """
         self.now = -math.inf
+        self._ticked = -math.inf
         self._next_tick = -math.inf
 
     def stats(self) -> PipelineStats:

@@ -28,7 +28,7 @@ from callcap import __version__
 from callcap.capture.dialog import Call
 from callcap.capture.media import endpoint_text, ip_text, other_side
 from callcap.capture.sdp import STATIC_PAYLOAD_TYPES, MediaDescription, RtpMap
-from callcap.capture.stream import TIMELINE_RATE, RtpStream
+from callcap.capture.stream import LEAP, TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
 from callcap.codecs.g711 import DECODERS
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
@@ -70,6 +70,9 @@ INBAND_HOLD = 64 * TIMELINE_RATE // 1000
 #: The tone detector reports a key about 40 ms after its tone ends; a signalled key waits
 #: until the audio this long past its start has been analysed.
 INBAND_LAG = 150 * TIMELINE_RATE // 1000
+#: Samples put together and written at a time (10 s, 320 KB): a long silence is written in
+#: bounded blocks.
+WRITE_CHUNK = 10 * TIMELINE_RATE
 #: A call's facts are saved to the spool at least every this many flushes (and at once when
 #: anything but the clock and the counters changed).
 CHECKPOINT_FLUSHES = 5
@@ -619,7 +622,22 @@ class CallRecorder:
             if ctx.events is not None:
                 for digit in ctx.events.flush():
                     self._event_digit(ctx, digit)
+        for ctx in self.streams.values():
+            leaps = ctx.stream.stats.ts_leaps
+            if leaps:
+                self.warn(
+                    "rtp_timestamp_leap",
+                    f"{ctx.stream.side} stream 0x{ctx.stream.ssrc:08X}: {leaps} packet(s) whose "
+                    "RTP timestamp was far from their arrival and from the packets around "
+                    "them, placed by their sequence number",
+                )
         if self.origin is not None and not self.discarded:
+            # Nothing is placed much past the newest packet's arrival (the stream believes
+            # no lone timestamp far ahead of it): a queued item beyond that is not written.
+            newest = max(end, self.last_rtp) - self.origin
+            limit = round(newest * TIMELINE_RATE) + 2 * LEAP
+            for pending in self._pending:
+                pending[:] = [item for item in pending if item[0] <= limit]
             last = max(
                 (pos + len(samples) for pending in self._pending for pos, samples in pending),
                 default=0,
@@ -903,6 +921,20 @@ class CallRecorder:
 
     def _write_until(self, horizon: int, *, final: bool = False) -> None:
         """Decode and write samples ``[written, horizon)``; later samples stay queued.
+
+        At most :data:`WRITE_CHUNK` samples are put together at a time: a long silence (a
+        call on hold without media, a stream that stopped) costs a few bounded blocks, never
+        an allocation in proportion to it.
+        """
+        while self.written < horizon and not self.discarded and self.audio_stopped is None:
+            end = min(horizon, self.written + WRITE_CHUNK)
+            before = self.written
+            self._write_chunk(end, final=final and end == horizon)
+            if self.written == before:
+                return  # held back (in-band detection) or dropped: the next call goes on
+
+    def _write_chunk(self, horizon: int, *, final: bool = False) -> None:
+        """:meth:`_write_until` for one bounded stretch.
 
         Paused spans are zeroed in what is analysed and written, never in memory before
         that: a pause is exact to the sample wherever it falls in a block.

@@ -41,6 +41,11 @@ MAX_DROPOUT = 3000
 MAX_MISORDER = 100
 """A backward jump of at most this many packets is reordering; more is a restart (RFC 3550 A.1)."""
 
+LEAP = 2 * TIMELINE_RATE
+"""A packet whose timestamp puts it more than this (2 s) ahead of where its arrival does,
+unlike the packets before it, is not believed alone: its neighbours' timing stays (a
+corrupt, crafted or rebased timestamp would otherwise move the whole stream)."""
+
 _NEVER = math.inf
 
 MAX_RUN = 2048
@@ -78,6 +83,9 @@ class StreamStats:
     restarts: int = 0
     reanchors: int = 0
     probation: int = 0
+    #: packets whose timestamp leapt far ahead of their arrival, alone: placed in sequence
+    #: instead (see :data:`LEAP`)
+    ts_leaps: int = 0
     jitter_max: float = 0.0  # in RTP clock units
     jitter_sum: float = 0.0
     jitter_samples: int = 0
@@ -98,6 +106,8 @@ class RtpStream:
         "_base_ext",
         "_cycles",
         "_last_transit",
+        "_leap",
+        "_leap_next",
         "_lost_before_restart",
         "_max_seq",
         "_missing",
@@ -144,6 +154,10 @@ class RtpStream:
         self._scale = TIMELINE_RATE / self.clock_rate
         self.tolerance = tolerance
         self.drift_limit = max(drift_limit, tolerance)
+        self._leap = max(LEAP, 4 * self.drift_limit)
+        #: (seq, ts) that would continue the last leapt packet: a second packet there makes
+        #: the leap the stream's new timing (a sender that rebased its timestamps)
+        self._leap_next: tuple[int, int] | None = None
         self.stats = StreamStats()
         self.received = 0  # unique packets in the current sequence run
         self._lost_before_restart = 0
@@ -222,17 +236,24 @@ class RtpStream:
 
         # Fast path: the next packet in sequence of an anchored audio stream — nearly all of
         # them.  Same arithmetic as the general path below, without its branches.
-        if timing and seq == ((max_seq + 1) & 0xFFFF) and max_seq >= 0 and self._anchor != _NEVER:
+        d = (ts - self._ref_ts) & 0xFFFFFFFF
+        ext_ts = self._ref_ext_ts + (d - 0x100000000 if d & 0x80000000 else d)
+        scale = self._scale
+        media = ext_ts * scale
+        transit = (arrival - self.origin) * TIMELINE_RATE - media
+        if (
+            timing
+            and seq == ((max_seq + 1) & 0xFFFF)
+            and max_seq >= 0
+            and self._anchor != _NEVER
+            and transit >= self._anchor - self._leap
+            and (d < 0x40000000 or d > 0xC0000000)
+        ):
             ext = max_seq + 1
             self._max_seq = ext
             self.received += 1
-            d = (ts - self._ref_ts) & 0xFFFFFFFF
-            ext_ts = self._ref_ext_ts + (d - 0x100000000 if d & 0x80000000 else d)
             self._ref_ts = ts
             self._ref_ext_ts = ext_ts
-            scale = self._scale
-            media = ext_ts * scale
-            transit = (arrival - self.origin) * TIMELINE_RATE - media
             last = self._last_transit
             self._last_transit = transit
             if last != _NEVER:
@@ -303,14 +324,42 @@ class RtpStream:
         self.received += 1
 
         # Media time of this packet, unwrapped around the 32-bit timestamp.
-        ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
+        delta = ts_delta(self._ref_ts, ts)
+        ext_ts = self._ref_ext_ts + delta
         media = ext_ts * self._scale
+        arrival_pos = (arrival - self.origin) * TIMELINE_RATE
+        length = round(samples * self._scale)
+        # A leap: far ahead of the arrival, or a step of 2**30 (37 hours at 8 kHz) or more,
+        # where the unwrapping itself is in doubt — believing one such packet as the new
+        # reference would shift every later packet by 2**32.
+        leapt = (
+            timing
+            and forward > 0
+            and self._anchor != _NEVER
+            and (arrival_pos - media < self._anchor - self._leap or abs(delta) >= 1 << 30)
+        )
+        if leapt and not self._continues_leap(seq, ts, samples):
+            return self._leapt(ext, seq, ts, samples, forward, length)
+        if (
+            timing
+            and not forward
+            and self._anchor != _NEVER
+            and arrival_pos - media < self._anchor - self._leap
+        ):
+            self.stats.ts_leaps += 1  # a late packet far ahead of its time: not placed
+            return None
+        self._leap_next = None
         if forward:
             self._ref_ts = ts
             self._ref_ext_ts = ext_ts
 
-        arrival_pos = (arrival - self.origin) * TIMELINE_RATE
-        if timing:
+        if leapt:
+            # The second packet of a leap: the sender's timestamps moved for good.
+            stats.reanchors += 1
+            self._anchor = arrival_pos - media
+            self._window_min = min(self._window_min, self._anchor)
+            self._last_transit = self._anchor
+        elif timing:
             transit = arrival_pos - media
             # RFC 3550 A.8 interarrival jitter, in media clock units.
             if self._last_transit != _NEVER and forward:
@@ -341,7 +390,6 @@ class RtpStream:
             self._anchor = arrival_pos - media
 
         pos = round(media + self._anchor)
-        length = round(samples * self._scale)
         if forward > 1 and timing:
             self._open_gaps.append(_OpenGap(self._max_seq + 1, ext - 1, self._prev_end, pos))
         elif not forward and self._open_gaps:
@@ -351,6 +399,30 @@ class RtpStream:
             self._prev_end = pos + length
             if self._open_gaps and ext - self._open_gaps[0].last > MAX_MISORDER:
                 self._close_old_gaps()
+        return pos
+
+    def _continues_leap(self, seq: int, ts: int, samples: int) -> bool:
+        expected = self._leap_next
+        return (
+            expected is not None
+            and seq == expected[0]
+            and abs(ts_delta(expected[1], ts)) <= 4 * max(samples, 160)
+        )
+
+    def _leapt(self, ext: int, seq: int, ts: int, samples: int, forward: int, length: int) -> int:
+        """A packet whose timestamp puts it far ahead of its arrival, or half the 32-bit
+        clock away from the packet before it (a corrupt or crafted timestamp, or the first
+        packet of a sender that rebased its clock).  Alone, it must
+        not move the stream: it is placed where its sequence number puts it, after the packet
+        before it, and the stream's timing stays as it was.  The packet after it decides
+        (:meth:`_continues_leap`)."""
+        self.stats.ts_leaps += 1
+        self._leap_next = ((seq + 1) & 0xFFFF, (ts + samples) & 0xFFFFFFFF)
+        pos = self._prev_end + (forward - 1) * length
+        if forward > 1:
+            self._open_gaps.append(_OpenGap(self._max_seq + 1, ext - 1, self._prev_end, pos))
+        self._max_seq = ext
+        self._prev_end = pos + length
         return pos
 
     def position(self, ts: int) -> int | None:

@@ -32,6 +32,7 @@ import pytest
 import soundfile
 from daemon_harness import RunningDaemon, write_config
 from netns_harness import NetnsPair, tcpreplay
+from outputs import published
 from tones import held_fraction
 from workload import WorkloadInfo, write_workload
 
@@ -41,7 +42,6 @@ from callcap.config.loader import load_config
 from callcap.errors import DiskFullError, StorageError
 from callcap.pipeline import Pipeline
 from callcap.storage.audit import AuditLog
-from callcap.storage.sidecar import validate_sidecar
 from callcap.storage.wav import WavWriter
 
 MiB = 1 << 20
@@ -100,21 +100,6 @@ def _config(tmp_path: Path, storage: str) -> Any:
     path = tmp_path / "callcap.yaml"
     path.write_text(f"storage:\n{storage}control:\n  socket: null\n")
     return load_config(path)
-
-
-def _recordings(out: Path) -> dict[str, tuple[dict[str, Any], np.ndarray | None]]:
-    """Call-ID → (sidecar, audio or None) of everything published under ``out``."""
-    found: dict[str, tuple[dict[str, Any], np.ndarray | None]] = {}
-    for sidecar in out.rglob("*.json"):
-        if ".spool" in sidecar.parts:
-            continue
-        doc = json.loads(sidecar.read_text())
-        validate_sidecar(doc)
-        audio = None
-        if doc["audio"] is not None:
-            audio, _rate = soundfile.read(sidecar.with_suffix(".wav"), dtype="int16")
-        found[doc["call_id"]] = (doc, audio)
-    return found
 
 
 def _verify(out: Path) -> subprocess.CompletedProcess[str]:
@@ -202,7 +187,7 @@ def test_record_into_a_full_disk_publishes_partial_recordings_and_exits_1(
 
     roomy = record(reference)
     assert roomy.returncode == 0, roomy.stderr[-2000:]
-    whole = _recordings(reference)
+    whole = published(reference)
     # 12 calls of ~25 s need ~9.6 MB of audio: 6 MiB holds part of it
     with small_disk(tmp_path / "disk", 6 * MiB) as disk:
         out = disk / "out"
@@ -212,7 +197,7 @@ def test_record_into_a_full_disk_publishes_partial_recordings_and_exits_1(
         names = [e["event"] for e in events]
         assert names.count("disk_full") == 1 and "recording_failed" not in names
         (finished,) = [e for e in events if e["event"] == "record_finished"]
-        partial = _recordings(out)
+        partial = published(out)
         assert partial.keys() == whole.keys() == {c.call_id for c in info.calls}
         assert finished["recordings"] == len(info.calls)
         cut = 0
@@ -271,7 +256,7 @@ def test_full_then_low_then_room_again_during_calls(tmp_path: Path) -> None:
     ref = Pipeline(config, reference, EventLog())
     ref.run(_frames(*paths))
     ref.close("capture_end")
-    whole = _recordings(reference)
+    whole = published(reference)
     assert len(whole) == 13
 
     with small_disk(tmp_path / "disk", 16 * MiB) as disk:
@@ -317,7 +302,7 @@ def test_full_then_low_then_room_again_during_calls(tmp_path: Path) -> None:
         assert stats.recordings_failed == 0 and stats.audit_failed == 0
         assert stats.recordings_incomplete == len(a.calls) + len(c.calls)
 
-        got = _recordings(out)
+        got = published(out)
         assert got.keys() == whole.keys()
         for info, expect in ((a, "partial"), (b, "whole"), (c, "none"), (d, "whole")):
             for call in info.calls:
@@ -360,7 +345,7 @@ def test_no_room_for_the_reserve_records_nothing_and_says_why(tmp_path: Path) ->
         pipeline.close("capture_end")
         (full,) = log.named("disk_full")
         assert "no room for the reserve" in full["error"]
-        got = _recordings(out)
+        got = published(out)
         assert got.keys() == {call.call_id for call in a.calls}
         for doc, audio in got.values():
             assert audio is None and "disk_full" in _codes(doc)
@@ -454,7 +439,7 @@ def test_daemon_disk_filled_and_freed_during_live_calls(
         last = [e for e in events if e["event"] == "capture_stats"][-1]
         assert last["recordings_incomplete_total"] == len(a.calls)
         assert last["recordings_failed_total"] == last["audit_failed_total"] == 0
-        got = _recordings(out)
+        got = published(out)
         assert got.keys() == {c.call_id for c in (*a.calls, *b.calls)}
         for info, cut in ((a, True), (b, False)):
             for call in info.calls:
