@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from callcap import __version__, archive_cli
-from callcap.errors import ConfigError
+from callcap.errors import ConfigError, StorageError
 
 # The recorder runs on one thread; its matrix products (the in-band DTMF detector's) are
 # small, and a BLAS thread pool contending for the cores with the capture loop makes them
@@ -27,6 +27,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT = 2
+EXIT_BUSY = 4  # the output directory is held by another running recorder
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt(3) parameters
 _M_MMAP_THRESHOLD = -3
@@ -240,6 +241,7 @@ def _record(args: argparse.Namespace) -> int:
     from callcap.logs import configure_logging
     from callcap.record import RecordJob, record
     from callcap.storage.layout import ensure_dir
+    from callcap.storage.lock import OutputInUse, OutputLock
 
     try:
         config = load_config(args.config)
@@ -257,4 +259,13 @@ def _record(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"cannot create output directory {out}: {exc.strerror or exc}")
         return EXIT_INPUT
-    return record(RecordJob(config, tuple(args.captures), out), args.workers)
+    try:
+        lock = OutputLock(out)
+    except OutputInUse as exc:
+        _error(str(exc))
+        return EXIT_BUSY
+    except StorageError as exc:
+        _error(str(exc))
+        return EXIT_INPUT
+    with lock:  # forked recording workers share it
+        return record(RecordJob(config, tuple(args.captures), out), args.workers)

@@ -36,12 +36,13 @@ from callcap.capture_worker import run_worker
 from callcap.config.loader import load_config
 from callcap.config.schema import Config
 from callcap.control import ControlError, ControlServer
-from callcap.errors import CallcapError, ConfigError
+from callcap.errors import CallcapError, ConfigError, StorageError
 from callcap.logs import LogFormat, configure_logging, get_logger
 from callcap.sdnotify import Notifier
 from callcap.sharding import owner_of
 from callcap.storage.audit import RECORDING_DISCARDED, RECORDING_PUBLISHED, AuditLog, FileRef
 from callcap.storage.layout import ensure_dir
+from callcap.storage.lock import OutputInUse, OutputLock
 from callcap.storage.spool import Recovered, recover_spool
 from callcap.sweeper import RetentionSweeper
 from callcap.workers import Worker, start_worker, wait_any, worker_count
@@ -50,6 +51,7 @@ POLL_S: Final = 0.25
 EXIT_OK: Final = 0
 EXIT_CONFIG: Final = 2
 EXIT_CAPTURE: Final = 3
+EXIT_BUSY: Final = 4  # the output directory is held by another running recorder
 #: A worker that stops reporting for this long is stuck: the watchdog stops being fed.
 STUCK_S: Final = 10.0
 #: How long a stopping worker may take to publish its calls before it is killed.
@@ -114,6 +116,7 @@ class Daemon:
         self._retired: list[dict[str, Any]] = []  # last counters of workers that died
         self._last_totals: dict[str, int] = {}
         self._last_stats = time.monotonic()
+        self._lock: OutputLock | None = None  # on the output directory, while running
 
     def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
         self._stop = True
@@ -151,6 +154,14 @@ class Daemon:
         except OSError as exc:
             log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
             return EXIT_CAPTURE
+        try:
+            self._lock = OutputLock(out)
+        except OutputInUse as exc:
+            log.error("output_in_use", out_dir=str(out), pid=exc.pid, error=str(exc))
+            return EXIT_BUSY
+        except StorageError as exc:
+            log.error("output_unwritable", out_dir=str(out), error=str(exc))
+            return EXIT_CAPTURE
         self._recover(config, out)
         try:
             for index in range(count):
@@ -169,6 +180,8 @@ class Daemon:
                 if worker.process.is_alive():
                     worker.process.kill()
                 worker.process.join(5)
+            if self._lock is not None:
+                self._lock.release()
 
     def _start(self, index: int, count: int) -> Worker:
         assert self.config is not None
@@ -380,6 +393,20 @@ class Daemon:
             )
             return
         assert self.config is not None
+        if self._lock is not None and out.resolve() != self._lock.path.resolve():
+            try:
+                lock = OutputLock(out)
+            except StorageError as exc:
+                self.log.error(
+                    "output_in_use" if isinstance(exc, OutputInUse) else "output_unwritable",
+                    out_dir=str(out),
+                    pid=exc.pid if isinstance(exc, OutputInUse) else None,
+                    error=str(exc),
+                    kept="config",
+                )
+                return
+            self._lock.release()
+            self._lock = lock
         old = self.config.capture
         if (old.interfaces, old.ring, old.workers, old.snaplen) != (
             config.capture.interfaces,

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from callcap.storage.lock import close_inherited
+
 MAX_AUTO_WORKERS: Final = 8
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -143,6 +145,7 @@ def _run(
     target: Callable[..., int], conn: multiprocessing.connection.Connection, args: Any
 ) -> None:
     die_with_parent()
+    close_inherited()  # the output directory's lock is the parent's
     status = 70  # EX_SOFTWARE, if the target raises
     try:
         status = target(conn, *args)

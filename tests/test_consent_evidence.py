@@ -30,6 +30,7 @@ from callcap.codecs.inband import InbandDtmfDetector
 from callcap.config.loader import load_config_text
 from callcap.logs import get_logger
 from callcap.pipeline import Pipeline
+from callcap.storage.lock import LOCK_FILE
 
 CORPUS = corpus_dir()
 
@@ -118,7 +119,11 @@ def assert_no_audio_kept(tmp: Path) -> None:
     out = tmp / "out"
     assert not list(out.rglob("*.wav")), "a WAV was published"
     assert not [p for p in out.rglob("*") if p.is_file() and ".spool" in p.parts]
-    assert not [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl")]
+    assert not [
+        p
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix not in (".json", ".jsonl") and p.name != LOCK_FILE
+    ]
 
 
 def test_key_1_from_the_caller_grants_consent_and_the_audio_is_published(

@@ -15,6 +15,8 @@ from recorded_archive import callcap
 from sipp_harness import CallRun, best_lag, run_call
 from test_e2e_sipp_calls import _iso_to_epoch, no_leftovers, published
 
+from callcap.storage.lock import LOCK_FILE
+
 pytestmark = pytest.mark.e2e
 
 # sipp replays with user-space timers: a 1 s jitter window keeps a late burst from being
@@ -69,7 +71,11 @@ def test_an_rfc2833_digit_2_from_a_sipp_caller_leaves_no_audio(tmp_path: Path) -
     entries = record(run, out)
     ((_sidecar, doc),) = published(out)
     assert doc["consent"]["status"] == "refused" and doc["audio"] is None
-    assert [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".json", ".jsonl")] == []
+    assert [
+        p
+        for p in out.rglob("*")
+        if p.is_file() and p.suffix not in (".json", ".jsonl") and p.name != LOCK_FILE
+    ] == []
     assert [e["event"] for e in entries] == ["consent_decided", "recording_discarded"]
 
 

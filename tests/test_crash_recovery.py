@@ -28,6 +28,7 @@ import soundfile
 from daemon_harness import RunningDaemon
 from sipp_harness import CallRun, best_lag, run_call
 
+from callcap.storage.lock import LOCK_FILE
 from callcap.storage.sidecar import validate_sidecar
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,7 +42,7 @@ def _published(out: Path) -> dict[Path, str]:
     return {
         p: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and ".spool" not in p.parts and p.name != "audit.jsonl"
+        if p.is_file() and ".spool" not in p.parts and p.name not in ("audit.jsonl", LOCK_FILE)
     }
 
 

@@ -63,6 +63,7 @@ def test_unit_declares_the_hardening_the_admin_relies_on() -> None:
         "RestrictAddressFamilies=AF_PACKET AF_UNIX AF_INET AF_INET6",
         "SystemCallFilter=@system-service",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2 4",
         "ExecReload=/bin/kill -HUP $MAINPID",
     ):
         assert any(row.startswith(line) for row in text.splitlines()), line
