@@ -339,7 +339,7 @@ class RtpStream:
             and (arrival_pos - media < self._anchor - self._leap or abs(delta) >= 1 << 30)
         )
         if leapt and not self._continues_leap(seq, ts, samples):
-            return self._leapt(ext, seq, ts, samples, forward, length)
+            return self._leapt(ext, seq, ts, samples, forward, length, arrival_pos)
         if (
             timing
             and not forward
@@ -409,16 +409,33 @@ class RtpStream:
             and abs(ts_delta(expected[1], ts)) <= 4 * max(samples, 160)
         )
 
-    def _leapt(self, ext: int, seq: int, ts: int, samples: int, forward: int, length: int) -> int:
+    def _leapt(
+        self,
+        ext: int,
+        seq: int,
+        ts: int,
+        samples: int,
+        forward: int,
+        length: int,
+        arrival_pos: float,
+    ) -> int:
         """A packet whose timestamp puts it far ahead of its arrival, or half the 32-bit
         clock away from the packet before it (a corrupt or crafted timestamp, or the first
-        packet of a sender that rebased its clock).  Alone, it must
-        not move the stream: it is placed where its sequence number puts it, after the packet
-        before it, and the stream's timing stays as it was.  The packet after it decides
+        packet of a sender that rebased its clock).  Alone, it must not move the stream: it
+        is placed where its sequence number puts it, after the packet before it, and the
+        stream's timing stays as it was.  The packet after it decides
         (:meth:`_continues_leap`)."""
         self.stats.ts_leaps += 1
         self._leap_next = ((seq + 1) & 0xFFFF, (ts + samples) & 0xFFFFFFFF)
         pos = self._prev_end + (forward - 1) * length
+        # ... unless it came well after that place (the first packet after a hold, from a
+        # sender that rebased its clock meanwhile): then where its arrival puts it, with the
+        # delay the packet before it had.
+        delay = self._last_transit - self._anchor
+        if math.isfinite(delay):
+            by_arrival = round(arrival_pos - delay)
+            if by_arrival > pos + self.tolerance:
+                pos = by_arrival
         if forward > 1:
             self._open_gaps.append(_OpenGap(self._max_seq + 1, ext - 1, self._prev_end, pos))
         self._max_seq = ext

@@ -239,6 +239,38 @@ def test_timestamp_jump_forward_reanchors_on_arrival() -> None:
     assert pos == 10 * PTIME
 
 
+@pytest.mark.parametrize("leap", [800_000, 2**31 - 1, 2**31, 2**31 + 1, 2**30])
+def test_a_lone_timestamp_leap_costs_its_followers_nothing(leap: int) -> None:
+    s = _stream()
+    got = [s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME) for i in range(10)]
+    got.append(s.push(1000.2, 10, (10 * PTIME + leap) & 0xFFFFFFFF, 0, PTIME))
+    got += [s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME) for i in range(11, 30)]
+    assert got == [i * PTIME for i in range(30)]  # the leapt one in its sequence slot
+    assert s.stats.ts_leaps == 1 and s.stats.reanchors == 0
+
+
+def test_a_timestamp_leap_the_next_packet_confirms_is_the_new_timing() -> None:
+    s = _stream()
+    for i in range(10):
+        s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME)
+    rebased = [
+        s.push(1000.0 + i * 0.02, i, (i * PTIME + 3_000_000) & 0xFFFFFFFF, 0, PTIME)
+        for i in range(10, 20)
+    ]
+    assert rebased == [i * PTIME for i in range(10, 20)]  # on, back to back
+    assert s.stats.ts_leaps == 1
+
+
+def test_the_first_packet_after_a_hold_with_a_rebased_clock_lands_at_its_arrival() -> None:
+    s = _stream()
+    for i in range(10):
+        s.push(1000.0 + i * 0.02, i, i * PTIME, 0, PTIME)
+    # a minute of hold without media, then the sender's timestamps leap 10 minutes ahead
+    first = s.push(1060.2, 10, 10 * PTIME + 4_800_000, 0, PTIME)
+    second = s.push(1060.22, 11, 11 * PTIME + 4_800_000, 0, PTIME)
+    assert first == round(60.2 * 8000) and second == first + PTIME
+
+
 def test_events_do_not_move_the_anchor() -> None:
     s = _stream()
     s.push(1000.0, 1, 0, 0, PTIME)
