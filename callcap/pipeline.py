@@ -24,6 +24,7 @@ from typing import Any
 from callcap.capture.block import FrameBlock, batched
 from callcap.capture.decode import Datagram, PacketDecoder
 from callcap.capture.dialog import (
+    Call,
     CallAnswered,
     CallEnded,
     CallStarted,
@@ -104,6 +105,8 @@ class Pipeline:
             inactivity_timeout_s=config.calls.inactivity_timeout_s,
             failed_linger_s=config.calls.failed_linger_s,
             max_calls=config.calls.max_active_calls,
+            max_pending=config.calls.max_pending_calls,
+            on_evict=self._evicted,
         )
         self.router = MediaRouter()
         self.recorders: dict[str, CallRecorder] = {}
@@ -652,6 +655,15 @@ class Pipeline:
         self._published(self._publisher.completed(wait=True))
 
     # -- time -------------------------------------------------------------------------------
+
+    def _evicted(self, call: Call, why: str) -> None:
+        """A call ended to make room: counted and logged (rate-limited) as a drop."""
+        reason = "pending_evicted" if why == "pending" else "call_evicted"
+        self.drops.drop(
+            reason,
+            self.now if math.isfinite(self.now) else call.last_activity,
+            detail=f"call {_short(call.call_id, 100)} ended to make room ({why} limit)",
+        )
 
     def _capture_clock(self) -> float:
         return max(self.now, self._ticked)

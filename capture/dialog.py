@@ -15,6 +15,7 @@ mid-call) are counted and ignored; nothing raises.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -134,11 +135,20 @@ class CallTracker:
         inactivity_timeout_s: float = 300.0,
         failed_linger_s: float = 32.0,
         max_calls: int = 100_000,
+        max_pending: int = 2_000,
+        on_evict: Callable[[Call, str], None] | None = None,
     ) -> None:
         self.inactivity_timeout_s = inactivity_timeout_s
         self.failed_linger_s = failed_linger_s
         self.max_calls = max_calls
+        #: INVITEs without progress from the far end (no 18x, no 2xx) tracked at once: a
+        #: flood of never-answered INVITEs (a scanner, toll fraud, a broken peer) evicts its
+        #: own oldest first, never a call that rings or was answered
+        self.max_pending = max_pending
+        #: told of each call ended to make room (the call, why: ``pending`` or ``calls``)
+        self.on_evict = on_evict
         self.calls: dict[str, Call] = {}
+        self._unanswered: dict[str, None] = {}  # Call-IDs without progress, oldest first
         self._ended: dict[str, Call] = {}
         self.counters: Counter[str] = Counter()
 
@@ -265,10 +275,14 @@ class CallTracker:
         transport: str,
         events: list[Event],
     ) -> Call:
+        if len(self._unanswered) >= self.max_pending:
+            oldest = self.calls[next(iter(self._unanswered))]
+            self.counters["pending_evicted"] += 1
+            self._evict(oldest, "pending", events)
         if len(self.calls) >= self.max_calls:
             victim = min(self.calls.values(), key=lambda c: c.last_activity)
             self.counters["calls_evicted"] += 1
-            self._finish(victim, "timeout", victim.last_activity, events)
+            self._evict(victim, "calls", events)
         self._ended.pop(call_id, None)
         call = Call(
             call_id=call_id,
@@ -285,6 +299,7 @@ class CallTracker:
         call.sip_messages = 1
         call.seen[("INVITE", cseq, from_.tag)] = None
         self.calls[call_id] = call
+        self._unanswered[call_id] = None
         events.append(CallStarted(call, ts))
         return call
 
@@ -334,10 +349,14 @@ class CallTracker:
             if to.tag is not None and to.tag not in call.early_tags:
                 call.early_tags.append(to.tag)
             if status > 100:
+                # The far end answered with progress (100 Trying is the next hop's alone):
+                # a real call, out of the reach of a flood of unanswered INVITEs.
+                self._unanswered.pop(call.call_id, None)
                 self._offers(call, "callee", msg, ts, events, early=True, to_tag=to.tag)
             return
         if status < 300:
             call.answer = ts
+            self._unanswered.pop(call.call_id, None)
             call.final_status = status
             # The INVITE's To URI stays (proxies may rewrite it in responses); the 2xx
             # contributes the winning branch's tag.
@@ -399,8 +418,17 @@ class CallTracker:
         call.end = end
         call.end_reason = reason
         self.calls.pop(call.call_id, None)
+        self._unanswered.pop(call.call_id, None)
         self._ended[call.call_id] = call
         events.append(CallEnded(call, end if now is None else now))
+
+    def _evict(self, call: Call, why: str, events: list[Event]) -> None:
+        """End ``call`` to make room.  It is not remembered as ended either: a flood must
+        not fill that memory instead (a late message of it is then one without a call)."""
+        self._finish(call, "timeout", call.last_activity, events)
+        self._ended.pop(call.call_id, None)
+        if self.on_evict is not None:
+            self.on_evict(call, why)
 
     def _failed_reason(self, call: Call) -> str | None:
         """``cancel`` for 487 or a CANCEL left unanswered; the final failure code otherwise.

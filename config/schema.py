@@ -234,6 +234,9 @@ class CallsConfig:
     #: RFC 3261 §17.1.1.2 Timer B = 64*T1 = 32 s is how long a client keeps trying.
     failed_linger_s: float = field(default=32.0, metadata={"check": (0, None)})
     max_active_calls: int = field(default=10000, metadata={"check": (1, None)})
+    #: INVITEs with no progress from the far end yet (no 18x, no 2xx) tracked at once;
+    #: beyond it the oldest of them is evicted (counted ``pending_evicted``).
+    max_pending_calls: int = field(default=4000, metadata={"check": (1, None)})
 
 
 @dataclass(frozen=True, slots=True)
