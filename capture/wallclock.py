@@ -27,8 +27,12 @@ import numpy as np
 
 from callcap.capture.block import FrameBlock
 
-#: Offsets that move less than this are the two clocks' reading noise, not a step.
-STEP_THRESHOLD_S = 0.05
+#: Offsets that move less than this are the two clocks' reading noise, not a step (NTP
+#: daemons step only past 0.128 s, ntpd's default; chrony's makestep is usually 1 s).
+STEP_THRESHOLD_S = 0.1
+#: Two wall-clock readings around the monotonic one further apart than this were
+#: interrupted: read again.
+CLEAN_READ_S = 0.002
 #: For this long after a step, frames stamped before it may still be read.
 SETTLE_S = 5.0
 
@@ -47,17 +51,32 @@ class WallClockSteps:
         self._mono = mono
         self._threshold = threshold_s
         #: wall minus monotonic when the capture's clock was taken up
-        self._base = wall() - mono()
+        base = self._offset()
+        self._base = base if base is not None else wall() - mono()
         #: seconds the wall clock has been stepped since then: taken out of every stamp
         self.shift = 0.0
         self._old_shift = 0.0  # the shift before the last step, for frames stamped before it
         self._old_until = -1.0  # monotonic time until which such frames may come
         self.steps = 0
 
+    def _offset(self) -> float | None:
+        """Wall minus monotonic, read between two wall readings close together: a reading
+        the scheduler interrupted would pass for a step.  None if no clean reading came."""
+        for _ in range(3):
+            before = self._wall()
+            mono = self._mono()
+            after = self._wall()
+            if 0.0 <= after - before <= CLEAN_READ_S:
+                return (before + after) / 2.0 - mono
+        return None
+
     def check(self) -> float | None:
         """Look at the clocks: the step (seconds, signed) if the wall clock stepped since the
         last look, else None."""
-        shift = (self._wall() - self._mono()) - self._base
+        offset = self._offset()
+        if offset is None:
+            return None
+        shift = offset - self._base
         step = shift - self.shift
         if abs(step) <= self._threshold:
             return None
@@ -97,4 +116,4 @@ class WallClockSteps:
         return np.where(np.abs(new - now) <= np.abs(old - now), new, old)
 
 
-__all__ = ["SETTLE_S", "STEP_THRESHOLD_S", "WallClockSteps"]
+__all__ = ["CLEAN_READ_S", "SETTLE_S", "STEP_THRESHOLD_S", "WallClockSteps"]

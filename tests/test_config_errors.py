@@ -50,7 +50,7 @@ CASES: list[tuple[str, str, str, str]] = [
         "unknown-key-without-suggestion",
         "calls:\n  zzz: 1   # <-\n",
         "calls.zzz",
-        "unknown key (expected one of: inactivity_timeout_s, failed_linger_s, max_active_calls)",
+        "unknown key (expected one of: inactivity_timeout_s, failed_linger_s, max_active_calls, max_pending_calls)",
     ),
     (
         "unknown-section",

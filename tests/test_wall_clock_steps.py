@@ -142,3 +142,21 @@ def test_the_stepped_clock_is_taken_up_once_no_call_is_in_flight() -> None:
     clocks.mono += 10.0
     clocks.wall_offset += 0.01
     assert steps.check() is None
+
+
+def test_a_reading_the_scheduler_interrupted_is_not_a_step() -> None:
+    """Wall and monotonic clocks are read one after the other: a process descheduled for
+    200 ms between the two readings must not take that for a step of the wall clock."""
+    clocks = _Clocks(1_700_000_000.0)
+    reads = {"n": 0}
+
+    def monotonic() -> float:
+        reads["n"] += 1
+        if reads["n"] == 2:  # the first look's monotonic reading comes 200 ms late
+            clocks.mono += 0.2
+        return clocks.mono
+
+    steps = WallClockSteps(wall=clocks.wall, mono=monotonic)
+    assert steps.check() is None and steps.shift == 0.0
+    clocks.wall_offset += 30.0
+    assert steps.check() == pytest.approx(30.0)

@@ -39,9 +39,37 @@ def held_fraction(samples: npt.NDArray[np.int16], hz: float, start_s: float, end
     return float(frames.mean()) if len(frames) else 0.0
 
 
+def unheld_and_unshown(
+    samples: npt.NDArray[np.int16],
+    hz: float,
+    start_s: float,
+    end_s: float,
+    gaps: list[dict[str, Any]],
+    side: str,
+) -> list[float]:
+    """Start times of the 20 ms frames from ``start_s`` to ``end_s`` that do not hold ``hz``
+    and that no sidecar gap of ``side`` covers: audio missing without the sidecar saying so.
+
+    A live capture on this 2-core machine may see the sender (tcpreplay) starved for longer
+    than the jitter window: its packets then arrive late and are placed as gaps, which is
+    the recorder telling the truth about the wire.  This is what tells that apart from a
+    recorder losing audio.
+    """
+    a = int(start_s * RATE) // FRAME * FRAME
+    held = tone_frames(samples[a : int(end_s * RATE)], hz)
+    spans = [(g["from_s"], g["to_s"]) for g in gaps if g["side"] == side]
+    missing = []
+    for i in np.flatnonzero(~held).tolist():
+        t0 = (a + i * FRAME) / RATE
+        t1 = t0 + FRAME / RATE
+        if not any(lo < t1 + 0.02 and hi > t0 - 0.02 for lo, hi in spans):
+            missing.append(round(t0, 3))
+    return missing
+
+
 def audio_start(doc: dict[str, Any]) -> float:
     """A sidecar's ``audio.start`` (its timeline's sample 0) as seconds since the epoch."""
     return datetime.fromisoformat(doc["audio"]["start"].replace("Z", "+00:00")).timestamp()
 
 
-__all__ = ["audio_start", "held_fraction", "tone_frames"]
+__all__ = ["audio_start", "held_fraction", "tone_frames", "unheld_and_unshown"]
