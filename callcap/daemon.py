@@ -155,12 +155,10 @@ class Daemon:
             log.error("output_unwritable", out_dir=str(out), error=exc.strerror or str(exc))
             return EXIT_CAPTURE
         try:
-            self._lock = OutputLock(out)
-        except OutputInUse as exc:
-            log.error("output_in_use", out_dir=str(out), pid=exc.pid, error=str(exc))
+            self._lock = self._lock_output(out)
+        except OutputInUse:
             return EXIT_BUSY
-        except StorageError as exc:
-            log.error("output_unwritable", out_dir=str(out), error=str(exc))
+        except StorageError:
             return EXIT_CAPTURE
         self._recover(config, out)
         try:
@@ -182,6 +180,18 @@ class Daemon:
                 worker.process.join(5)
             if self._lock is not None:
                 self._lock.release()
+
+    def _lock_output(self, out: Path, **fields: Any) -> OutputLock:
+        """Hold output directory ``out`` (:mod:`callcap.storage.lock`); a refusal is logged
+        (``output_in_use`` naming the holder, or ``output_unwritable``), then raised."""
+        try:
+            return OutputLock(out)
+        except OutputInUse as exc:
+            self.log.error("output_in_use", out_dir=str(out), pid=exc.pid, error=str(exc), **fields)
+            raise
+        except StorageError as exc:
+            self.log.error("output_unwritable", out_dir=str(out), error=str(exc), **fields)
+            raise
 
     def _start(self, index: int, count: int) -> Worker:
         assert self.config is not None
@@ -395,15 +405,8 @@ class Daemon:
         assert self.config is not None
         if self._lock is not None and out.resolve() != self._lock.path.resolve():
             try:
-                lock = OutputLock(out)
-            except StorageError as exc:
-                self.log.error(
-                    "output_in_use" if isinstance(exc, OutputInUse) else "output_unwritable",
-                    out_dir=str(out),
-                    pid=exc.pid if isinstance(exc, OutputInUse) else None,
-                    error=str(exc),
-                    kept="config",
-                )
+                lock = self._lock_output(out, kept="config")
+            except StorageError:
                 return
             self._lock.release()
             self._lock = lock

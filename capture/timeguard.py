@@ -61,9 +61,8 @@ class TimeGuard:
         self._clock = clock
         #: told (frame's time, time it was given) of every re-stamped frame
         self._on_fault = on_fault
-        #: frames re-stamped at the capture clock (and the largest offset seen)
+        #: frames re-stamped at the capture clock
         self.faults = 0
-        self.largest_fault_s = 0.0
         self._held: FrameBlock | None = None  # a suspect last frame, waiting for its successor
 
     def blocks(self, blocks: Iterable[FrameBlock]) -> Iterator[FrameBlock | ClockStep]:
@@ -82,7 +81,7 @@ class TimeGuard:
         a fault and goes on re-stamped."""
         held, self._held = self._held, None
         if held is not None:
-            yield self._restamp(held, 0, self._reference())
+            yield self._restamp(held, self._reference())
 
     # -- internals ------------------------------------------------------------------------
 
@@ -102,7 +101,7 @@ class TimeGuard:
         """The slow path (a block with a time far from its neighbours), frame by frame."""
         if self._held is not None:
             held, self._held = self._held, None
-            yield from self._decide(held, 0, float(block.times[0]))
+            yield from self._decide(held, float(block.times[0]))
         clock = self._reference()
         times = block.times.tolist()
         n = len(times)
@@ -120,7 +119,7 @@ class TimeGuard:
                 ):
                     if i > start:
                         yield _part(block, start, i)
-                    yield self._restamp(_part(block, i, i + 1), 0, times[i + 1])
+                    yield self._restamp(_part(block, i, i + 1), times[i + 1])
                     start = i + 1
                     clock = times[i + 1]
                     continue
@@ -137,7 +136,7 @@ class TimeGuard:
             if i + 1 == n:
                 self._held = _part(block, i, i + 1)  # decided by the next block's first frame
                 return
-            decided = list(self._decide(_part(block, i, i + 1), 0, times[i + 1], clock))
+            decided = list(self._decide(_part(block, i, i + 1), times[i + 1], clock))
             yield from decided
             if any(isinstance(d, ClockStep) for d in decided):
                 clock = t
@@ -145,12 +144,12 @@ class TimeGuard:
             yield _part(block, start, n)
 
     def _decide(
-        self, frame: FrameBlock, i: int, following: float, clock: float | None = None
+        self, frame: FrameBlock, following: float, clock: float | None = None
     ) -> Iterator[FrameBlock | ClockStep]:
-        """Frame ``i`` of ``frame`` is far from the clock; ``following`` is the next frame's
+        """``frame`` (one frame) is far from the clock; ``following`` is the next frame's
         time: agreeing with it, the clock stepped; else the frame's time is a fault."""
         reference = self._reference() if clock is None else clock
-        t = float(frame.times[i])
+        t = float(frame.times[0])
         if not math.isfinite(reference):
             yield frame
             return
@@ -158,20 +157,17 @@ class TimeGuard:
             yield ClockStep(reference, t)
             yield frame
             return
-        yield self._restamp(frame, i, reference)
+        yield self._restamp(frame, reference)
 
-    def _restamp(self, frame: FrameBlock, i: int, clock: float) -> FrameBlock:
-        t = float(frame.times[i])
+    def _restamp(self, frame: FrameBlock, clock: float) -> FrameBlock:
+        """``frame`` (one frame) at time ``clock``, counted and told as a fault."""
+        t = float(frame.times[0])
         if not math.isfinite(clock):
             clock = 0.0
         self.faults += 1
-        off = abs(t - clock) if math.isfinite(t) else math.inf
-        self.largest_fault_s = max(self.largest_fault_s, off)
         if self._on_fault is not None:
             self._on_fault(t, clock)
-        times = frame.times.copy()
-        times[i] = clock
-        return dataclasses.replace(frame, times=times)
+        return dataclasses.replace(frame, times=np.array([clock], dtype=np.float64))
 
 
 def _part(block: FrameBlock, a: int, b: int) -> FrameBlock:

@@ -161,4 +161,17 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-__all__ = ["LIFECYCLE_EVENTS", "RunningDaemon", "write_config"]
+def live_config(tmp: Path, *, capture: str = "", extra: str = "") -> Path:
+    """``tmp/live.yaml`` for a daemon sniffing a test's veth: promiscuous (the replayed calls
+    are not addressed to it), stats every second, no control socket.  ``capture`` adds
+    lines to the capture section (indented), ``extra`` whole sections."""
+    return write_config(
+        tmp / "live.yaml",
+        "capture:\n  promiscuous: true\n"
+        + capture
+        + "logging:\n  stats_interval_s: 1\ncontrol:\n  socket: null\n"
+        + extra,
+    )
+
+
+__all__ = ["LIFECYCLE_EVENTS", "RunningDaemon", "live_config", "write_config"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import soundfile
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import RunningDaemon, live_config
 from netns_harness import NetnsPair, netns_exec, tcpreplay
 from tones import audio_start, held_fraction, unheld_and_unshown
 from workload import write_workload
@@ -42,11 +42,7 @@ def test_calls_in_flight_lose_only_the_outage_and_show_it(
     net = netns_pair
     pcap = tmp_path / "calls.pcap"
     info = write_workload(pcap, calls=4, seconds=14, seed=3, start_time=time.time())
-    config = write_config(
-        tmp_path / "live.yaml",
-        "capture:\n  promiscuous: true\nlogging:\n  stats_interval_s: 1\n"
-        "control:\n  socket: null\n",
-    )
+    config = live_config(tmp_path)
     out = tmp_path / "out"
     daemon = RunningDaemon(
         tmp_path,

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import soundfile
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import RunningDaemon, live_config, write_config
 from netns_harness import NetnsPair, tcpreplay
 from test_fast_lane import _eventful_calls
 from tones import audio_start, held_fraction, unheld_and_unshown
@@ -138,15 +138,6 @@ def test_the_daemons_replay_path_with_workers_gives_records_recordings(tmp_path:
 # -- live, on a veth link ------------------------------------------------------------------
 
 
-def _live_config(tmp_path: Path, extra: str = "") -> Path:
-    return write_config(
-        tmp_path / "live.yaml",
-        "capture:\n  promiscuous: true\n"
-        + extra
-        + "logging:\n  stats_interval_s: 1\ncontrol:\n  socket: null\n",
-    )
-
-
 def _start(tmp_path: Path, net: NetnsPair, config: Path, workers: int) -> RunningDaemon:
     daemon = RunningDaemon(
         tmp_path,
@@ -227,7 +218,7 @@ def test_kill_9_of_one_worker_costs_only_its_calls_which_are_recovered(
     owned = {call_id: owner_of(call_id, 2) for call_id in calls}
     assert set(owned.values()) == {0, 1}
     out = tmp_path / "out"
-    daemon = _start(tmp_path, net, _live_config(tmp_path), workers=2)
+    daemon = _start(tmp_path, net, live_config(tmp_path), workers=2)
     try:
         victim = _worker_pid(daemon, 1)
         sender = _replay_in_background(net, pcap)
@@ -278,7 +269,7 @@ def test_sigterm_ends_every_workers_calls_as_shutdown(
     calls = _by_call_id(info)
     assert {owner_of(c, 2) for c in calls} == {0, 1}
     out = tmp_path / "out"
-    daemon = _start(tmp_path, net, _live_config(tmp_path), workers=2)
+    daemon = _start(tmp_path, net, live_config(tmp_path), workers=2)
     try:
         sender = _replay_in_background(net, pcap)
         time.sleep(8.0)
@@ -308,8 +299,9 @@ def test_a_forced_overrun_is_counted_logged_and_flagged_and_recording_goes_on(
     info = write_workload(pcap, calls=10, seconds=12, seed=8, start_time=time.time())
     calls = _by_call_id(info)
     # a ring of 4 x 32 KiB holds about 0.4 s of these 10 calls
-    config = _live_config(
-        tmp_path, "  ring:\n    block_size: 32768\n    blocks: 4\n    retire_timeout_ms: 5\n"
+    config = live_config(
+        tmp_path,
+        capture="  ring:\n    block_size: 32768\n    blocks: 4\n    retire_timeout_ms: 5\n",
     )
     out = tmp_path / "out"
     daemon = _start(tmp_path, net, config, workers=1)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import soundfile
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import RunningDaemon, live_config
 from netns_harness import NetnsPair, tcpreplay
 from outputs import published
 from tones import held_fraction
@@ -398,11 +398,7 @@ def test_daemon_disk_filled_and_freed_during_live_calls(
     now = time.time()
     a = write_workload(first, calls=4, seconds=12, seed=21, start_time=now)
     b = write_workload(later, calls=3, seconds=5, seed=22, start_time=now + 13)
-    config = write_config(
-        tmp_path / "live.yaml",
-        "capture:\n  promiscuous: true\nlogging:\n  stats_interval_s: 1\n"
-        "control:\n  socket: null\nstorage:\n  min_free: 0\n  reserve: 1MiB\n",
-    )
+    config = live_config(tmp_path, extra="storage:\n  min_free: 0\n  reserve: 1MiB\n")
     with small_disk(tmp_path / "disk", 12 * MiB) as disk:
         out = disk / "out"
         daemon = RunningDaemon(

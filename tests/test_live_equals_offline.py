@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import RunningDaemon, live_config
 from netns_harness import NetnsPair, netns_exec, tcpreplay
 from workload import write_workload
 
@@ -47,11 +47,7 @@ def test_the_daemons_recordings_equal_record_on_tcpdumps_capture(
     net = netns_pair
     replayed = tmp_path / "calls.pcap"
     info = write_workload(replayed, calls=CALLS, seconds=10, seed=17, codec="mixed")
-    config = write_config(
-        tmp_path / "live.yaml",
-        "capture:\n  promiscuous: true\nlogging:\n  stats_interval_s: 1\n"
-        "control:\n  socket: null\n",
-    )
+    config = live_config(tmp_path)
     live_out = tmp_path / "live"
     daemon = RunningDaemon(
         tmp_path,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_harness import RunningDaemon, write_config
+from daemon_harness import RunningDaemon, live_config
 from netns_harness import NetnsPair, tcpreplay
 from workload import write_workload
 
@@ -72,11 +72,7 @@ def test_a_second_daemon_on_the_same_directory_is_refused(
     net = netns_pair
     pcap = tmp_path / "calls.pcap"
     info = write_workload(pcap, calls=4, seconds=6, seed=8, start_time=time.time())
-    config = write_config(
-        tmp_path / "live.yaml",
-        "capture:\n  promiscuous: true\nlogging:\n  stats_interval_s: 1\n"
-        "control:\n  socket: null\n",
-    )
+    config = live_config(tmp_path)
     out = tmp_path / "out"
     args = ["--config", str(config), "--interface", net.veth_b, "--out", str(out)]
     first = RunningDaemon(tmp_path, args, netns=net.b)
