@@ -15,7 +15,10 @@ apart (a sender whose clock runs slow or fast, a path whose delay changed for go
 spurt's boundary (silence suppressed by the sender, loss, a new stream) the audio has a
 break anyway, and the anchor follows the capture clock within ``tolerance``.  A sender
 paced by an imperfect clock — a softphone's timer, a replay tool — thus keeps its speech
-whole, its timing corrected in the pauses.
+whole, its timing corrected in the pauses.  Where a step does fall inside a spurt (past
+the drift limit), the hole it opens, or the stretch its audio writes over, is a closed gap
+like a loss: the sidecar shows every place where the audio is not the sender's in the
+sender's time, not only the places the network made.
 
 Statistics follow RFC 3550 A.1 (extended sequence numbers, expected vs received) and A.8
 (interarrival jitter).  Everything here is sans-IO: arrival times come in as arguments.
@@ -111,6 +114,7 @@ class RtpStream:
         "_lost_before_restart",
         "_max_seq",
         "_missing",
+        "_moved_from",
         "_open_gaps",
         "_prev_end",
         "_ref_ext_ts",
@@ -175,6 +179,9 @@ class RtpStream:
         self._window_min = _NEVER
         self._last_transit = _NEVER
         self._prev_end = 0  # timeline end of the highest-sequence packet so far
+        #: the anchor before :meth:`end_window` moved it, until the next packet in sequence
+        #: shows whether that move opened a hole inside a talk spurt
+        self._moved_from = _NEVER
         self._open_gaps: list[_OpenGap] = []
         self.closed_gaps: list[Gap] = []
 
@@ -269,14 +276,20 @@ class RtpStream:
             if pos == self._prev_end:
                 if transit < anchor - self.drift_limit:
                     stats.reanchors += 1
+                    self._moved_from = anchor
                     anchor = self._anchor = transit
                     pos = round(media + anchor)
+                    self._judge_move(media, pos, 1)
             else:
                 low = min(self._window_min, transit)
                 if transit < anchor - self.tolerance or low > anchor + self.tolerance:
                     stats.reanchors += 1
+                    if self._moved_from == _NEVER:
+                        self._moved_from = anchor
                     anchor = self._anchor = transit if transit < anchor else low
                     pos = round(media + anchor)
+                if self._moved_from != _NEVER:
+                    self._judge_move(media, pos, 1)
             self._window_min = min(self._window_min, transit)
             self._prev_end = pos + round(samples * scale)
             if self._open_gaps and ext - self._open_gaps[0].last > MAX_MISORDER:
@@ -356,6 +369,7 @@ class RtpStream:
         if leapt:
             # The second packet of a leap: the sender's timestamps moved for good.
             stats.reanchors += 1
+            self._moved_from = _NEVER  # its media does not follow on: nothing moved in it
             self._anchor = arrival_pos - media
             self._window_min = min(self._window_min, self._anchor)
             self._last_transit = self._anchor
@@ -376,20 +390,22 @@ class RtpStream:
             elif forward == 1 and round(media + anchor) == self._prev_end:
                 if transit < anchor - self.drift_limit:  # in a talk spurt: the RTP clock
                     stats.reanchors += 1
-                    self._anchor = transit
+                    self._move_anchor(transit)
             elif forward:
                 low = min(self._window_min, transit)
                 if transit < anchor - self.tolerance or low > anchor + self.tolerance:
                     stats.reanchors += 1
-                    self._anchor = transit if transit < anchor else low
+                    self._move_anchor(transit if transit < anchor else low)
             elif transit < anchor - self.tolerance:
                 stats.reanchors += 1
-                self._anchor = transit
+                self._move_anchor(transit)
             self._window_min = min(self._window_min, transit)
         elif self._anchor == _NEVER:
             self._anchor = arrival_pos - media
 
         pos = round(media + self._anchor)
+        if forward and timing and self._moved_from != _NEVER:
+            self._judge_move(media, pos, forward)
         if forward > 1 and timing:
             self._open_gaps.append(_OpenGap(self._max_seq + 1, ext - 1, self._prev_end, pos))
         elif not forward and self._open_gaps:
@@ -426,6 +442,7 @@ class RtpStream:
         stream's timing stays as it was.  The packet after it decides
         (:meth:`_continues_leap`)."""
         self.stats.ts_leaps += 1
+        self._moved_from = _NEVER
         self._leap_next = ((seq + 1) & 0xFFFF, (ts + samples) & 0xFFFFFFFF)
         pos = self._prev_end + (forward - 1) * length
         # ... unless it came well after that place (the first packet after a hold, from a
@@ -458,9 +475,37 @@ class RtpStream:
         capture time.  (Smaller lags are corrected at the next talk spurt's start.)
         """
         if self._window_min != _NEVER and self._window_min > self._anchor + self.drift_limit:
-            self._anchor = self._window_min
+            self._move_anchor(self._window_min)
             self.stats.reanchors += 1
         self._window_min = _NEVER
+
+    def _move_anchor(self, anchor: float) -> None:
+        """Move the anchor, remembering where it was until the next packet in sequence
+        shows what the move did to the audio (:meth:`_judge_move`)."""
+        if self._moved_from == _NEVER:
+            self._moved_from = self._anchor
+        self._anchor = anchor
+
+    def _judge_move(self, media: float, pos: int, forward: int) -> None:
+        """The first packet in sequence since the anchor moved, placed at ``pos`` after
+        ``forward - 1`` lost packets: what did the move do to the audio?
+
+        * Placed before the end of what the stream already placed: it, and the audio after
+          it, write over ``[pos, prev_end)``.
+        * Placed after it, straight on from the packet before (nothing lost, no silence
+          suppressed in between: its media follows on under the old anchor): the move
+          opened a hole ``[prev_end, pos)`` in a talk spurt.  After a loss the loss's own
+          gap already spans that stretch.
+
+        Either stretch is a gap: the audio there is not what the sender sent, in the
+        sender's time."""
+        before = self._moved_from
+        self._moved_from = _NEVER
+        prev_end = self._prev_end
+        if pos < prev_end:
+            self.closed_gaps.append(Gap(pos, prev_end))
+        elif pos > prev_end and forward == 1 and round(media + before) == prev_end:
+            self.closed_gaps.append(Gap(prev_end, pos))
 
     def finish(self) -> None:
         """Stream over: every still-open gap is final."""
@@ -485,6 +530,7 @@ class RtpStream:
         self._ref_ts = ts
         self._ref_ext_ts = ts
         self._anchor = _NEVER
+        self._moved_from = _NEVER
         self._window_min = _NEVER
         self._last_transit = _NEVER
 
@@ -494,9 +540,17 @@ class RtpStream:
         Only the part of the packet inside the gap's span fills it.  When the anchor moved
         between the loss and the packet's arrival, the packet lands elsewhere (even before
         the timeline's origin) and the hole it left stays a hole: the pieces never reach
-        outside the gap's own span, and a piece no missing packet is left to fill is final."""
+        outside the gap's own span, and a piece no missing packet is left to fill is final.
+        What of such a packet falls outside the span writes over audio placed there, and
+        that stretch is a gap too."""
         for i, gap in enumerate(self._open_gaps):
             if gap.first <= ext <= gap.last:
+                below = min(end, gap.from_pos)
+                if start < below:
+                    self.closed_gaps.append(Gap(start, below))
+                above = max(start, gap.to_pos)
+                if above < min(end, self._prev_end):
+                    self.closed_gaps.append(Gap(above, min(end, self._prev_end)))
                 start = min(max(start, gap.from_pos), gap.to_pos)
                 end = min(max(end, start), gap.to_pos)
                 pieces = []
@@ -673,6 +727,12 @@ def place_runs(
         stats.jitter_samples += n
         if low_r < stream._window_min:
             stream._window_min = low_r
+        if stream._moved_from != _NEVER:  # after a loss, the first packet since a move
+            stream._judge_move(
+                float(media[first_list[r]]),
+                first_position[r],
+                skips[r],
+            )
         stream._prev_end = last_position[r] + round(samples[r] * stream._scale)
         if stream._open_gaps and ext - stream._open_gaps[0].last > MAX_MISORDER:
             stream._close_old_gaps()

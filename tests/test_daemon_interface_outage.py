@@ -20,7 +20,7 @@ import pytest
 import soundfile
 from daemon_harness import RunningDaemon, live_config
 from netns_harness import NetnsPair, netns_exec, tcpreplay
-from tones import audio_start, held_fraction, unheld_and_unshown
+from tones import assert_whole_or_shown, audio_start
 from workload import write_workload
 
 from callcap.storage.sidecar import validate_sidecar
@@ -97,7 +97,10 @@ def test_calls_in_flight_lose_only_the_outage_and_show_it(
         lost = [g for g in doc["gaps"] if g["capture_loss"]]
         assert {g["side"] for g in lost} == {"caller", "callee"}
         for gap in lost:
-            assert span["from_s"] - 0.1 <= gap["from_s"] and gap["to_s"] <= span["to_s"] + 0.1
+            # a gap of the sensor's ends with the outage (and a frame either side); it may
+            # begin earlier where a timing correction just before the link fell (the
+            # sender stalled with it) opened a hole that runs into the outage's gap
+            assert span["from_s"] - 0.35 <= gap["from_s"] and gap["to_s"] <= span["to_s"] + 0.1
         assert all(s["capture_loss"] and s["lost"] > 0 for s in doc["streams"])
         # whole audio before and after the outage
         (wav,) = out.rglob(doc["audio"]["file"])
@@ -105,12 +108,6 @@ def test_calls_in_flight_lose_only_the_outage_and_show_it(
         for ch, side in ((0, call.caller), (1, call.callee)):
             start = side.first_time - first + 0.1
             end = side.first_time - first + side.packets_sent * 0.02 - 0.1
-            assert held_fraction(audio[:, ch], side.tone_hz, start, span["from_s"] - 0.1) > 0.99
-            after = span["to_s"] + 0.3
-            if held_fraction(audio[:, ch], side.tone_hz, after, end) <= 0.99:
-                # only where a starved sender's packets came late, shown as gaps
-                assert held_fraction(audio[:, ch], side.tone_hz, after, end) > 0.95
-                name = "caller" if ch == 0 else "callee"
-                assert not unheld_and_unshown(
-                    audio[:, ch], side.tone_hz, after, end, doc["gaps"], name
-                ), doc["gaps"]
+            name = "caller" if ch == 0 else "callee"
+            for a, b in ((start, span["from_s"] - 0.4), (span["to_s"] + 0.3, end)):
+                assert_whole_or_shown(audio[:, ch], side.tone_hz, a, b, doc["gaps"], name)

@@ -16,6 +16,7 @@ signalling and media routes and drops the media of the calls it does not own.  C
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import soundfile
 from daemon_harness import RunningDaemon, live_config, write_config
 from netns_harness import NetnsPair, tcpreplay
 from test_fast_lane import _eventful_calls
-from tones import audio_start, held_fraction, unheld_and_unshown
+from tones import assert_whole_or_shown, audio_start
 from workload import WorkloadInfo, write_workload
 
 from callcap.sharding import owner_of
@@ -173,35 +174,17 @@ def _audio_path(out: Path, doc: dict[str, Any]) -> Path:
     return wav
 
 
-def _talk_holds(out: Path, doc: dict[str, Any], call: Any) -> tuple[float, float]:
-    """Share of 20 ms frames of each channel that hold that side's tone, from the side's
-    first packet to its last one or the end of the audio (a recovered call's last flush)."""
-    audio, rate = soundfile.read(_audio_path(out, doc), dtype="int16")
-    assert rate == RATE
-    origin = min(call.caller.first_time, call.callee.first_time)  # the timeline's sample 0
-    held = []
-    for ch, side in ((0, call.caller), (1, call.callee)):
-        start = side.first_time - origin
-        end = min(len(audio) / RATE, start + side.packets_sent * 0.02)
-        held.append(held_fraction(audio[:, ch], side.tone_hz, start + 0.1, end - 0.1))
-    return held[0], held[1]
-
-
 def _whole_or_shown(out: Path, doc: dict[str, Any], call: Any) -> None:
-    """A surviving call's audio is whole — or nearly, with every 20 ms frame missing shown
-    as a gap of that side in the sidecar (see :func:`tones.unheld_and_unshown`)."""
+    """Each side of a call's audio is whole from its first packet to its last — or nearly,
+    with every 20 ms frame missing shown as a gap of that side in the sidecar (see
+    :func:`tones.assert_whole_or_shown`)."""
     audio, _rate = soundfile.read(_audio_path(out, doc), dtype="int16")
     origin = min(call.caller.first_time, call.callee.first_time)
-    for ch, (held, side) in enumerate(
-        zip(_talk_holds(out, doc, call), (call.caller, call.callee), strict=True)
-    ):
-        if held > 0.99:
-            continue
+    for ch, side in enumerate((call.caller, call.callee)):
         start = side.first_time - origin + 0.1
         end = min(len(audio) / RATE, start - 0.1 + side.packets_sent * 0.02) - 0.1
         name = ("caller", "callee")[ch]
-        assert held > 0.97, (doc["call_id"], name, held)
-        assert not unheld_and_unshown(audio[:, ch], side.tone_hz, start, end, doc["gaps"], name)
+        assert_whole_or_shown(audio[:, ch], side.tone_hz, start, end, doc["gaps"], name)
 
 
 def _by_call_id(info: WorkloadInfo) -> dict[str, Any]:
@@ -254,7 +237,7 @@ def test_kill_9_of_one_worker_costs_only_its_calls_which_are_recovered(
             assert doc["call_uid"] in recovered
             assert any(w["code"] == "recovered_from_spool" for w in doc["warnings"])
             assert doc["audio"]["duration_s"] >= 3.0
-            assert min(_talk_holds(out, doc, call)) > 0.98, call_id
+            _whole_or_shown(out, doc, call)
     verify = _callcap("verify", str(out))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not list((out / ".spool").glob("*.part"))
@@ -285,7 +268,7 @@ def test_sigterm_ends_every_workers_calls_as_shutdown(
         call = calls[call_id]
         # the audio goes on to the signal (within a flush interval and the drain)
         assert doc["audio"]["duration_s"] >= stopped_at - audio_start(doc) - 1.5, call_id
-        assert min(_talk_holds(out, doc, call)) > 0.99, call_id
+        _whole_or_shown(out, doc, call)
     names = [e["event"] for e in daemon.events()]
     assert names.count("worker_stopping") == 2
     assert names[-1] == "capture_stats" or "daemon_stopping" in names
@@ -298,10 +281,12 @@ def test_a_forced_overrun_is_counted_logged_and_flagged_and_recording_goes_on(
     pcap = tmp_path / "calls.pcap"
     info = write_workload(pcap, calls=10, seconds=12, seed=8, start_time=time.time())
     calls = _by_call_id(info)
-    # a ring of 4 x 32 KiB holds about 0.4 s of these 10 calls
+    # a ring of 4 x 32 KiB, each block handed over when full or after 100 ms, holds about
+    # 0.4 s of these 10 calls (a shorter retire timeout would hand over nearly empty blocks,
+    # and the ring would hold only 4 timeouts of traffic)
     config = live_config(
         tmp_path,
-        capture="  ring:\n    block_size: 32768\n    blocks: 4\n    retire_timeout_ms: 5\n",
+        capture="  ring:\n    block_size: 32768\n    blocks: 4\n    retire_timeout_ms: 100\n",
     )
     out = tmp_path / "out"
     daemon = _start(tmp_path, net, config, workers=1)
@@ -338,12 +323,15 @@ def test_a_forced_overrun_is_counted_logged_and_flagged_and_recording_goes_on(
         assert doc["end_reason"] in ("bye_caller", "bye_callee"), call_id
         assert doc["capture_loss"], call_id
         origin = audio_start(doc)
-        for span in doc["capture_loss"]:
-            assert span["reason"] == "overrun"
-            # from the stall (capture times of the frames around it) ...
-            assert stalled - origin - 0.5 <= span["from_s"] <= span["to_s"]
-            # ... or just after it: catching up on a ring this small can overrun it again
-            assert span["to_s"] <= resumed - origin + 2.0, doc["capture_loss"]
+        assert all(span["reason"] == "overrun" for span in doc["capture_loss"])
+        # the first loss is the stall's (capture times of the frames around it) ...
+        first = doc["capture_loss"][0]
+        assert stalled - origin - 0.5 <= first["from_s"] <= resumed - origin
+        assert first["to_s"] >= stalled - origin + 0.5, doc["capture_loss"]
+        # ... and any later one is a real overrun too (a ring this small, about 0.4 s, on a
+        # loaded 2-core machine): after it, in order, and shown like it
+        for a, b in itertools.pairwise(doc["capture_loss"]):
+            assert a["to_s"] <= b["from_s"] <= b["to_s"], doc["capture_loss"]
         lost = [g for g in doc["gaps"] if g["capture_loss"]]
         assert {g["side"] for g in lost} == {"caller", "callee"}
         assert all(s["capture_loss"] for s in doc["streams"])
@@ -353,7 +341,6 @@ def test_a_forced_overrun_is_counted_logged_and_flagged_and_recording_goes_on(
         audio, _rate = soundfile.read(_audio_path(out, doc), dtype="int16")
         before = doc["capture_loss"][0]["from_s"] - 0.1
         after = doc["capture_loss"][-1]["to_s"] + 0.3
-        assert held_fraction(audio[:, 0], call.caller_tone_hz, 0.1, before) > 0.99
-        assert (
-            held_fraction(audio[:, 1], call.callee_tone_hz, after, len(audio) / RATE - 0.1) > 0.99
-        )
+        assert_whole_or_shown(audio[:, 0], call.caller_tone_hz, 0.1, before, doc["gaps"], "caller")
+        end = len(audio) / RATE - 0.1
+        assert_whole_or_shown(audio[:, 1], call.callee_tone_hz, after, end, doc["gaps"], "callee")

@@ -8,6 +8,7 @@ stream exactly as ``RtpStream.push`` would, or untouched when it turns a run dow
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import json
 import random
 import re
@@ -397,6 +398,34 @@ def test_a_sender_paced_by_a_lagging_clock_keeps_its_speech_whole() -> None:
     # and placement never falls more than the drift limit (plus a packet) behind arrival
     lag = [(1000.0 + i * 0.02 * 1.02 - 999.0) * 8000 - p for i, p in enumerate(positions)]
     assert max(lag) <= s.drift_limit + 2 * PTIME
+    # each step opened a hole in the speech, and each hole is a gap
+    holes = [(p + PTIME, q) for p, q in itertools.pairwise(positions) if q != p + PTIME]
+    assert holes and [(g.from_pos, g.to_pos) for g in s.closed_gaps] == holes
+
+
+def test_place_runs_after_a_loss_judges_a_move_of_the_anchor_as_push_does() -> None:
+    """The anchor moved forward at a window's end, and the next packets follow a loss:
+    place_runs takes that run (a loss is a spurt's boundary) and must judge the move as
+    push does: the loss's gap then spans the move's hole too, and nothing else is listed."""
+    s = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    ref = RtpStream(src=("a", 1), dst=("b", 2), ssrc=1, side="caller", origin=999.0)
+    late = 0.15  # from packet 50 on, every packet comes 150 ms later: a window's end follows
+    for stream in (s, ref):
+        for i in range(100):
+            stream.push(1000.0 + i * 0.02 + (late if i >= 50 else 0.0), i, i * PTIME, 0, PTIME)
+            if i % 50 == 49:
+                stream.end_window()
+    run = [(1000.0 + i * 0.02 + late, i, i * PTIME) for i in range(103, 110)]  # 100-102 lost
+    placed = _place_one(s, run)
+    assert placed is not None
+    assert placed.tolist() == [ref.push(a, q, t, 0, PTIME) for a, q, t in run]
+    for stream in (s, ref):
+        stream.finish()
+    assert _state(s) == _state(ref)
+    gaps = [(g.from_pos, g.to_pos) for g in s.closed_gaps]
+    hole = 8000 + 100 * PTIME  # origin is 1 s before the first packet
+    # the loss's gap spans the three lost packets and the move's hole before them
+    assert gaps == [(hole, hole + round(late * 8000) + 3 * PTIME)]
 
 
 def test_a_bug_in_the_lane_hands_the_block_to_feed(

@@ -12,6 +12,7 @@ import json
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,65 @@ def test_packet_later_than_the_jitter_window_is_counted_late_and_shown_as_gap(
     assert np.array_equal(audio[: 50 * PTIME, 0], ref_a[: 50 * PTIME])
     assert stream_of(doc, "caller")["late"] == 1
     assert {"side": "caller", "from_s": 1.0, "to_s": 1.02, "capture_loss": False} in doc["gaps"]
+
+
+def _delay_caller_rtp(call: Call, delay: Callable[[int], float]) -> None:
+    """Move the caller's i-th RTP packet ``delay(i)`` seconds later on the wire."""
+    moved = []
+    i = 0
+    for ts, frame in call.records:
+        late = 0.0
+        if frame[34:36] == struct.pack("!H", 40000) and len(frame) > 100:
+            late = delay(i)
+            i += 1
+        moved.append((ts + late, frame))
+    call.records[:] = sorted(moved, key=lambda r: r[0])
+
+
+def test_a_path_delay_that_grows_for_good_is_followed_and_its_hole_is_a_gap(
+    tmp_path: Path,
+) -> None:
+    """From its 75th packet on, the caller's audio comes 150 ms later (a route change, a
+    sender that stalled): more than half the jitter window, inside a talk spurt.  The
+    timeline follows capture time, which opens 150 ms of silence in the caller's speech;
+    the sidecar lists it as a gap, and not one sample of the speech is lost."""
+    call, ref_a, _ref_b, _answer = basic(tmp_path)
+    _delay_caller_rtp(call, lambda i: 0.15 if i >= 75 else 0.0)
+    record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
+    doc, audio = one_call(tmp_path)
+    s = stream_of(doc, "caller")
+    assert (s["packets"], s["lost"], s["late"]) == (150, 0, 0)
+    (gap,) = [g for g in doc["gaps"] if g["side"] == "caller"]
+    assert round(gap["to_s"] - gap["from_s"], 3) == 0.15
+    cut = round(gap["from_s"] * RATE)
+    assert cut % PTIME == 0 and 75 * PTIME <= cut <= 150 * PTIME  # at a window's end
+    shift = round(0.15 * RATE)
+    assert np.array_equal(audio[:cut, 0], ref_a[:cut])
+    assert not audio[cut : cut + shift, 0].any()
+    assert np.array_equal(audio[cut + shift : len(ref_a) + shift, 0], ref_a[cut:])
+
+
+def test_a_path_delay_that_shrinks_inside_a_spurt_shows_what_it_wrote_over(
+    tmp_path: Path,
+) -> None:
+    """The caller's first 75 packets took 150 ms longer than the rest: the 76th overtakes
+    seven of them, earlier than the timeline expects by more than half the jitter window,
+    and the timeline steps back to capture time.  What the packets placed from then on
+    wrote over — the last 150 ms of the 68 packets before — is listed as a gap of the
+    caller, and everything else is the sender's audio, whole."""
+    call, ref_a, _ref_b, _answer = basic(tmp_path)
+    _delay_caller_rtp(call, lambda i: 0.15 if i < 75 else 0.0)
+    record(tmp_path, write_pcap(tmp_path / "c.pcap", call.records))
+    doc, audio = one_call(tmp_path)
+    s = stream_of(doc, "caller")
+    assert (s["packets"], s["lost"], s["late"], s["reordered"]) == (150, 0, 0, 7)
+    # sample 0 is the caller's first packet; the 76th came when the 68th was the newest
+    assert [g for g in doc["gaps"] if g["side"] == "caller"] == [
+        {"side": "caller", "from_s": 1.21, "to_s": 1.36, "capture_loss": False}
+    ]
+    cut, shift = 68 * PTIME - round(0.15 * RATE), round(0.15 * RATE)
+    assert np.array_equal(audio[:cut, 0], ref_a[:cut])
+    assert np.array_equal(audio[cut : len(ref_a) - shift, 0], ref_a[cut + shift :])
 
 
 def test_ssrc_change_mid_call_continues_on_the_same_channel(tmp_path: Path) -> None:

@@ -207,6 +207,40 @@ def test_sender_clock_running_slow_is_followed_within_one_packet() -> None:
     assert worst <= 2 * PTIME
 
 
+def test_a_lag_that_stays_moves_the_timeline_and_the_hole_in_the_speech_is_a_gap() -> None:
+    """From packet 50 on the sender's packets arrive 120 ms later (its path got longer, or
+    it stalled): past the drift limit for a whole window, so the anchor follows at the
+    window's end.  The next packet, whose media follows straight on, lands 120 ms after
+    the one before ended: that hole is a closed gap."""
+    s = _stream()
+    positions = []
+    for i in range(150):
+        positions.append(
+            s.push(1000.0 + i * 0.02 + (0.12 if i >= 50 else 0.0), i, i * PTIME, 0, PTIME)
+        )
+        if i % 50 == 49:
+            s.end_window()
+    assert positions[:100] == [i * PTIME for i in range(100)]  # the RTP clock in the spurt
+    assert positions[100:] == [i * PTIME + 960 for i in range(100, 150)]
+    assert [(g.from_pos, g.to_pos) for g in s.closed_gaps] == [(100 * PTIME, 100 * PTIME + 960)]
+    assert s.lost == 0
+
+
+def test_a_move_of_the_timeline_in_suppressed_silence_is_no_gap() -> None:
+    """The same lag, but the sender stopped talking (silence suppression: the timestamp
+    jumps by the pause) when the anchor moved: the move falls in silence, cuts no speech,
+    and no gap is listed."""
+    s = _stream()
+    for i in range(100):
+        s.push(1000.0 + i * 0.02 + (0.12 if i >= 50 else 0.0), i, i * PTIME, 0, PTIME)
+        if i % 50 == 49:
+            s.end_window()
+    # half a second of silence: the next packet's media starts 25 packets after the last
+    pos = s.push(1000.0 + 125 * 0.02 + 0.12, 100, 125 * PTIME, 0, PTIME)
+    assert pos == 125 * PTIME + 960
+    assert s.closed_gaps == [] and s.lost == 0
+
+
 def test_sequence_jump_is_believed_on_the_second_packet_and_is_not_loss() -> None:
     """RFC 3550 A.1 probation: one wild sequence number is ignored; two in a row restart."""
     s = _stream()

@@ -67,9 +67,42 @@ def unheld_and_unshown(
     return missing
 
 
+def assert_whole_or_shown(
+    samples: npt.NDArray[np.int16],
+    hz: float,
+    start_s: float,
+    end_s: float,
+    gaps: list[dict[str, Any]],
+    side: str,
+    *,
+    floor: float = 0.85,
+) -> None:
+    """The channel holds ``hz`` from ``start_s`` to ``end_s`` — or nearly (more than
+    ``floor`` of its frames), with every frame that does not shown as a gap of ``side``.
+
+    Whole is the rule; the exception is a sender starved on this 2-core machine, whose
+    packets then came late or late for good (the timeline follows them, and the hole that
+    opens in the speech is listed like a loss): the recorder telling the truth about the
+    wire, never audio it lost without saying so."""
+    if end_s - start_s < 0.1:
+        return  # nothing of this stretch to judge
+    held = held_fraction(samples, hz, start_s, end_s)
+    if held > 0.99:
+        return
+    missing = unheld_and_unshown(samples, hz, start_s, end_s, gaps, side)
+    assert not missing, (side, held, missing[:12], gaps)
+    assert held > floor, (side, held, gaps)
+
+
 def audio_start(doc: dict[str, Any]) -> float:
     """A sidecar's ``audio.start`` (its timeline's sample 0) as seconds since the epoch."""
     return datetime.fromisoformat(doc["audio"]["start"].replace("Z", "+00:00")).timestamp()
 
 
-__all__ = ["audio_start", "held_fraction", "tone_frames", "unheld_and_unshown"]
+__all__ = [
+    "assert_whole_or_shown",
+    "audio_start",
+    "held_fraction",
+    "tone_frames",
+    "unheld_and_unshown",
+]
