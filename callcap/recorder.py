@@ -81,6 +81,11 @@ CHECKPOINT_FLUSHES = 5
 #: just before it still counts.
 KEY_GRACE_S = 1.0
 
+#: An RFC 4733 key that went down inside the consent window is reported when it comes up
+#: (its end packet); settling waits for it this long past the deadline at most, so a key
+#: whose end packets were lost cannot hold the decision forever.
+KEY_HELD_MAX_S = 10.0
+
 
 #: A span of capture time in which the sensor lost frames: (start, end, reason).
 LossSpan = tuple[float, float, str]
@@ -600,12 +605,35 @@ class CallRecorder:
         the tone detector that ran only for the consent window."""
         if self.consent.decision is None:
             lag = self._jitter + (INBAND_LAG if self._inband is not None else 0)
-            self._consent(self.consent.settle(now - lag / TIMELINE_RATE - KEY_GRACE_S))
+            complete = now - lag / TIMELINE_RATE - KEY_GRACE_S
+            deadline = self.consent.deadline
+            held = self._key_down_since()
+            if (
+                held is not None
+                and deadline is not None
+                and held <= deadline
+                and now < deadline + KEY_HELD_MAX_S
+            ):
+                complete = min(complete, held)  # a key pressed in time, still held down
+            self._consent(self.consent.settle(complete))
         if self._inband_for_consent and self.consent.decision is not None:
             self._inband_for_consent = False
             if self._inband is not None:
                 self._release_deferred(final=True)
                 self._inband = None
+
+    def _key_down_since(self) -> float | None:
+        """Capture time at which the earliest RFC 4733 key still held down went down."""
+        if self.origin is None:
+            return None
+        earliest = None
+        for ctx in self.streams.values():
+            since = None if ctx.events is None else ctx.events.open_since
+            pos = None if since is None else ctx.stream.position(since)
+            if pos is not None:
+                at = self.origin + pos / TIMELINE_RATE
+                earliest = at if earliest is None else min(earliest, at)
+        return earliest
 
     def finish(self, end: float) -> Published:
         """Drain everything, close the spool file and publish (or discard) the recording."""

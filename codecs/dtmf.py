@@ -112,6 +112,12 @@ class EventTracker:
             self._current = (rtp_timestamp, ev.event, duration)
         return out
 
+    @property
+    def open_since(self) -> int | None:
+        """RTP timestamp at which the event still under way began (a key held down, its
+        end packets not come yet), or None."""
+        return None if self._current is None else self._current[0]
+
     def flush(self) -> list[DtmfDigit]:
         """The event still open when the stream ends (its end packets were lost)."""
         cur = self._current

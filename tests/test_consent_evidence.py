@@ -10,6 +10,7 @@ with the decision, and the audit log says what was decided and discarded.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from callgen import RATE, T0, Call, tone, write_pcap
 from conftest import corpus_dir
 from recorded_archive import RETENTION_CONFIG, callcap
-from test_pci_pause import events, key_tone, place, voice
+from test_pci_pause import EVENT_CODES, events, key_tone, place, voice
 from test_recording_pipeline import outputs, record
 
 from callcap.capture.pcapfile import CaptureReader
@@ -199,6 +200,57 @@ def test_a_digit_counts_only_within_s_after_the_answer(
     else:
         assert audio is None and doc["consent"]["action"] == "discarded"
         assert_no_audio_kept(tmp_path)
+
+
+def _held_key(call: Call, start: float, at: float, seconds: float, digit: str = "1") -> None:
+    """The caller holds ``digit`` down from ``at`` for ``seconds``: RFC 4733 updates every
+    50 ms with a growing duration, the end packet (three times) when the key comes up."""
+    ts = 80_000 + round(at * RATE)
+    steps = round(seconds / 0.05)
+    for k in range(steps + 1):
+        end = k == steps
+        flags = (0x80 if end else 0) | 10
+        body = struct.pack("!BBH", EVENT_CODES[digit], flags, max(1, round(k * 0.05 * RATE)))
+        for _ in range(3 if end else 1):
+            call.rtp(
+                start + at + k * 0.05,
+                from_caller=True,
+                seq=7000 + k,
+                rtp_ts=ts,
+                payload=body,
+                pt=101,
+                ssrc=0xD7D7D7D7,
+                marker=k == 0,
+            )
+
+
+def test_a_key_pressed_in_the_window_counts_when_it_comes_up_after_it(tmp_path: Path) -> None:
+    """RFC 4733 reports a key when it comes up.  Pressed 1.8 s after the answer, 0.2 s before
+    a 2 s window closes, and held for 3 s: its end packet comes long after the window and
+    the grace for late input.  It began in time, so it grants consent, and the audio is kept
+    (before, settling declared consent missing while the key was still down)."""
+    call, start, _ref_a, _ref_b = talking_call(seconds=6.0)
+    _held_key(call, start, 1.7, 3.0)
+    call.bye(start + 6.3)
+    run(tmp_path, call, rule(within_s=2))
+    ((doc, audio),) = outputs(tmp_path)
+    assert doc["consent"]["status"] == "granted"
+    assert doc["consent"]["evidence"]["at_s"] == 1.8
+    assert audio is not None and doc["consent"]["action"] == "kept"
+    assert [(d["digit"], d["source"], d["duration_ms"]) for d in doc["dtmf"]] == [
+        ("1", "rfc4733", 3000)
+    ]
+
+
+def test_a_key_that_went_down_after_the_window_does_not_count(tmp_path: Path) -> None:
+    """The same long key, pressed 0.2 s after the window closed: consent is missing."""
+    call, start, _ref_a, _ref_b = talking_call(seconds=6.0)
+    _held_key(call, start, 2.1, 3.0)
+    call.bye(start + 6.3)
+    run(tmp_path, call, rule(within_s=2))
+    ((doc, audio),) = outputs(tmp_path)
+    assert doc["consent"]["status"] == "missing" and audio is None
+    assert_no_audio_kept(tmp_path)
 
 
 def test_missing_consent_kept_flagged_keeps_the_audio(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ import soundfile
 from daemon_harness import RunningDaemon, live_config, write_config
 from netns_harness import NetnsPair, tcpreplay
 from test_fast_lane import _eventful_calls
-from tones import assert_whole_or_shown, audio_start
+from tones import assert_whole_or_shown, audio_start, held_fraction
 from workload import WorkloadInfo, write_workload
 
 from callcap.sharding import owner_of
@@ -237,7 +237,15 @@ def test_kill_9_of_one_worker_costs_only_its_calls_which_are_recovered(
             assert doc["call_uid"] in recovered
             assert any(w["code"] == "recovered_from_spool" for w in doc["warnings"])
             assert doc["audio"]["duration_s"] >= 3.0
-            _whole_or_shown(out, doc, call)
+            # Its gaps are those of its last checkpoint (every 5 flushes, by design: see
+            # CallRecorder._facts_signature), so a starved sender's hole after it may be
+            # unlisted: the audio must hold, not every hole be shown.
+            audio, _rate = soundfile.read(_audio_path(out, doc), dtype="int16")
+            origin = min(call.caller.first_time, call.callee.first_time)
+            for ch, side in enumerate((call.caller, call.callee)):
+                start = side.first_time - origin + 0.1
+                end = min(len(audio) / RATE, start - 0.1 + side.packets_sent * 0.02) - 0.1
+                assert held_fraction(audio[:, ch], side.tone_hz, start, end) > 0.9, call_id
     verify = _callcap("verify", str(out))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not list((out / ".spool").glob("*.part"))
