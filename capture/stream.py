@@ -179,8 +179,8 @@ class RtpStream:
         self._window_min = _NEVER
         self._last_transit = _NEVER
         self._prev_end = 0  # timeline end of the highest-sequence packet so far
-        #: the anchor before :meth:`end_window` moved it, until the next packet in sequence
-        #: shows whether that move opened a hole inside a talk spurt
+        #: the anchor before it last moved, until the next packet in sequence shows what
+        #: the move did to the audio (:meth:`_judge_move`)
         self._moved_from = _NEVER
         self._open_gaps: list[_OpenGap] = []
         self.closed_gaps: list[Gap] = []
