@@ -22,9 +22,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 import soundfile
 from daemon_harness import RunningDaemon, live_config, write_config
@@ -174,17 +177,25 @@ def _audio_path(out: Path, doc: dict[str, Any]) -> Path:
     return wav
 
 
-def _whole_or_shown(out: Path, doc: dict[str, Any], call: Any) -> None:
-    """Each side of a call's audio is whole from its first packet to its last — or nearly,
-    with every 20 ms frame missing shown as a gap of that side in the sidecar (see
-    :func:`tones.assert_whole_or_shown`)."""
+def _sides(
+    out: Path, doc: dict[str, Any], call: Any
+) -> Iterator[tuple[npt.NDArray[np.int16], Any, str, float, float]]:
+    """Each side of a call's audio — its channel, name, and the stretch from its first
+    packet to its last (or the end of the audio), 0.1 s in from either end."""
     audio, _rate = soundfile.read(_audio_path(out, doc), dtype="int16")
     origin = min(call.caller.first_time, call.callee.first_time)
     for ch, side in enumerate((call.caller, call.callee)):
         start = side.first_time - origin + 0.1
         end = min(len(audio) / RATE, start - 0.1 + side.packets_sent * 0.02) - 0.1
-        name = ("caller", "callee")[ch]
-        assert_whole_or_shown(audio[:, ch], side.tone_hz, start, end, doc["gaps"], name)
+        yield audio[:, ch], side, ("caller", "callee")[ch], start, end
+
+
+def _whole_or_shown(out: Path, doc: dict[str, Any], call: Any) -> None:
+    """Each side of a call's audio is whole from its first packet to its last — or nearly,
+    with every 20 ms frame missing shown as a gap of that side in the sidecar (see
+    :func:`tones.assert_whole_or_shown`)."""
+    for channel, side, name, start, end in _sides(out, doc, call):
+        assert_whole_or_shown(channel, side.tone_hz, start, end, doc["gaps"], name)
 
 
 def _by_call_id(info: WorkloadInfo) -> dict[str, Any]:
@@ -240,12 +251,8 @@ def test_kill_9_of_one_worker_costs_only_its_calls_which_are_recovered(
             # Its gaps are those of its last checkpoint (every 5 flushes, by design: see
             # CallRecorder._facts_signature), so a starved sender's hole after it may be
             # unlisted: the audio must hold, not every hole be shown.
-            audio, _rate = soundfile.read(_audio_path(out, doc), dtype="int16")
-            origin = min(call.caller.first_time, call.callee.first_time)
-            for ch, side in enumerate((call.caller, call.callee)):
-                start = side.first_time - origin + 0.1
-                end = min(len(audio) / RATE, start - 0.1 + side.packets_sent * 0.02) - 0.1
-                assert held_fraction(audio[:, ch], side.tone_hz, start, end) > 0.9, call_id
+            for channel, side, _name, start, end in _sides(out, doc, call):
+                assert held_fraction(channel, side.tone_hz, start, end) > 0.9, call_id
     verify = _callcap("verify", str(out))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert not list((out / ".spool").glob("*.part"))

@@ -39,34 +39,6 @@ def held_fraction(samples: npt.NDArray[np.int16], hz: float, start_s: float, end
     return float(frames.mean()) if len(frames) else 0.0
 
 
-def unheld_and_unshown(
-    samples: npt.NDArray[np.int16],
-    hz: float,
-    start_s: float,
-    end_s: float,
-    gaps: list[dict[str, Any]],
-    side: str,
-) -> list[float]:
-    """Start times of the 20 ms frames from ``start_s`` to ``end_s`` that do not hold ``hz``
-    and that no sidecar gap of ``side`` covers: audio missing without the sidecar saying so.
-
-    A live capture on this 2-core machine may see the sender (tcpreplay) starved for longer
-    than the jitter window: its packets then arrive late and are placed as gaps, which is
-    the recorder telling the truth about the wire.  This is what tells that apart from a
-    recorder losing audio.
-    """
-    a = int(start_s * RATE) // FRAME * FRAME
-    held = tone_frames(samples[a : int(end_s * RATE)], hz)
-    spans = [(g["from_s"], g["to_s"]) for g in gaps if g["side"] == side]
-    missing = []
-    for i in np.flatnonzero(~held).tolist():
-        t0 = (a + i * FRAME) / RATE
-        t1 = t0 + FRAME / RATE
-        if not any(lo < t1 + 0.02 and hi > t0 - 0.02 for lo, hi in spans):
-            missing.append(round(t0, 3))
-    return missing
-
-
 def assert_whole_or_shown(
     samples: npt.NDArray[np.int16],
     hz: float,
@@ -83,13 +55,22 @@ def assert_whole_or_shown(
     Whole is the rule; the exception is a sender starved on this 2-core machine, whose
     packets then came late or late for good (the timeline follows them, and the hole that
     opens in the speech is listed like a loss): the recorder telling the truth about the
-    wire, never audio it lost without saying so."""
+    wire.  A frame missing that no gap of ``side`` covers is audio the recorder lost
+    without saying so."""
     if end_s - start_s < 0.1:
         return  # nothing of this stretch to judge
     held = held_fraction(samples, hz, start_s, end_s)
     if held > 0.99:
         return
-    missing = unheld_and_unshown(samples, hz, start_s, end_s, gaps, side)
+    a = int(start_s * RATE) // FRAME * FRAME
+    frames = tone_frames(samples[a : int(end_s * RATE)], hz)
+    spans = [(g["from_s"], g["to_s"]) for g in gaps if g["side"] == side]
+    missing = []
+    for i in np.flatnonzero(~frames).tolist():
+        t0 = (a + i * FRAME) / RATE
+        t1 = t0 + FRAME / RATE
+        if not any(lo < t1 + 0.02 and hi > t0 - 0.02 for lo, hi in spans):
+            missing.append(round(t0, 3))
     assert not missing, (side, held, missing[:12], gaps)
     assert held > floor, (side, held, gaps)
 
@@ -104,5 +85,4 @@ __all__ = [
     "audio_start",
     "held_fraction",
     "tone_frames",
-    "unheld_and_unshown",
 ]
