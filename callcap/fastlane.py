@@ -78,6 +78,11 @@ _MAX_PENDING: Final = 1 << 16
 """Frames all flows together queue before the lane is drained (about a third of a second at
 2,000 calls: the blocks they are in stay in memory until then)."""
 
+_PLACE_FRAMES: Final = 1 << 13
+"""Frames placed at once (whole flows; see :meth:`_Frames.groups`): a drain of the whole
+lane at 2,000 calls holds up to ``_MAX_PENDING``, and placing them all at once would make
+its arrays (payloads, audio, index temporaries) tens of MiB that glibc then keeps."""
+
 _RECLASSIFY_AFTER: Final = 256
 """Frames after which a block is classified again when flows were learned meanwhile (the
 frames of a new flow take the general path until then)."""
@@ -358,6 +363,43 @@ class _Frames:
     seq: npt.NDArray[np.int64]
     rts: npt.NDArray[np.int64]
     ssrc: npt.NDArray[np.int64]
+
+    def groups(self, limit: int) -> list[_Frames]:
+        """These frames cut between flows into pieces of about ``limit`` frames (a flow is
+        never cut): placing is flow by flow, so piece by piece is the same, and the arrays
+        placing makes (payloads, decoded audio, index temporaries) stay that small."""
+        total = len(self.rows)
+        if total <= limit:
+            return [self]
+        pieces: list[_Frames] = []
+        f0 = 0
+        n_flows = len(self.flows)
+        while f0 < n_flows:
+            lo = self.firsts[f0]
+            f1 = f0 + 1
+            while f1 < n_flows and self.firsts[f1] - lo < limit:
+                f1 += 1
+            hi = self.firsts[f1] if f1 < n_flows else total
+            pieces.append(
+                _Frames(
+                    flows=self.flows[f0:f1],
+                    firsts=[first - lo for first in self.firsts[f0:f1]],
+                    counts=self.counts[f0:f1],
+                    block_of=self.block_of,
+                    part=self.part[lo:hi],
+                    rows=self.rows[lo:hi],
+                    at=self.at[lo:hi],
+                    end=self.end[lo:hi],
+                    arrivals=self.arrivals[lo:hi],
+                    plain=self.plain[lo:hi],
+                    pt=self.pt[lo:hi],
+                    seq=self.seq[lo:hi],
+                    rts=self.rts[lo:hi],
+                    ssrc=self.ssrc[lo:hi],
+                )
+            )
+            f0 = f1
+        return pieces
 
     def frame(self, i: int) -> tuple[float, int, bytes]:
         block = self.block_of[int(self.part[i])]
@@ -687,7 +729,8 @@ class FastLane:
         parts = [part for part in parts if len(part[1])]
         try:
             if parts:
-                self._place(self._gather(parts))
+                for piece in self._gather(parts).groups(_PLACE_FRAMES):
+                    self._place(piece)
         except Exception as exc:  # noqa: BLE001 - a bug costs these frames, not the process
             self.p.internal_error(self.p.now, exc)
         finally:

@@ -150,6 +150,8 @@ class Pipeline:
         #: None while the output filesystem has room; else why new calls are not recorded:
         #: ``disk_low`` (below ``storage.min_free``) or ``disk_full`` (a write failed).
         self.disk_state: str | None = None
+        #: Calls to checkpoint once the events of the message in hand are handled.
+        self._due_checkpoints: dict[str, tuple[CallRecorder, float]] = {}
 
     # -- the hot path -----------------------------------------------------------------------------
 
@@ -358,6 +360,24 @@ class Pipeline:
         }
 
     def _handle(self, events: list[Event]) -> None:
+        """One SIP message's (or a timer's) events.  The calls they start, answer or give
+        media are checkpointed once, after all of them: a 200 OK that answers with an SDP
+        is one save of the facts, not one per event."""
+        due = self._due_checkpoints
+        try:
+            self._handle_events(events)
+        finally:
+            if due:
+                pending = list(due.values())
+                due.clear()
+                for rec, ts in pending:
+                    if self.recorders.get(rec.call.call_id) is rec:  # not ended meanwhile
+                        self._checkpoint(rec, ts)
+
+    def _checkpoint_due(self, rec: CallRecorder, ts: float) -> None:
+        self._due_checkpoints[rec.call_uid] = (rec, ts)
+
+    def _handle_events(self, events: list[Event]) -> None:
         for event in events:
             if isinstance(event, MediaOffered):
                 self._media(event)
@@ -374,8 +394,8 @@ class Pipeline:
                     ts=event.ts,
                 )
                 if rec is not None:
-                    self._checkpoint(rec, event.ts)
                     rec.answered(event.ts)
+                    self._checkpoint_due(rec, event.ts)
             elif isinstance(event, DtmfSignalled):
                 rec = self.recorders.get(event.call.call_id)
                 if rec is not None:
@@ -419,7 +439,7 @@ class Pipeline:
             caller_ip=call.caller_ip,
             callee_ip=call.callee_ip,
         )
-        self._checkpoint(rec, event.ts)
+        self._checkpoint_due(rec, event.ts)
 
     def _checkpoint(self, rec: CallRecorder, ts: float) -> None:
         """Save a call's facts to the spool (durable mode); a failure costs this call only."""
@@ -554,7 +574,7 @@ class Pipeline:
         # the router on their next packet.
         self.lane.forget_routes(call_id, announced)
         if rec is not None:
-            self._checkpoint(rec, event.ts)
+            self._checkpoint_due(rec, event.ts)
 
     def _end(self, event: CallEnded) -> None:
         """A call ended: its media is no longer routed, and it is published once the fast

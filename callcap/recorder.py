@@ -73,9 +73,12 @@ INBAND_LAG = 150 * TIMELINE_RATE // 1000
 #: Samples put together and written at a time (10 s, 320 KB): a long silence is written in
 #: bounded blocks.
 WRITE_CHUNK = 10 * TIMELINE_RATE
-#: A call's facts are saved to the spool at least every this many flushes (and at once when
-#: anything but the clock and the counters changed).
+#: A call's facts are saved to the spool at once when anything but the clock, the counters
+#: and the gaps changed; every this many flushes when gaps were added since the last save;
 CHECKPOINT_FLUSHES = 5
+#: and every this many otherwise: a clean call's saved facts then differ from its current
+#: ones only in counters and the end time, which recovery stretches to the audio it finds.
+QUIET_CHECKPOINT_FLUSHES = 30
 #: A key is reported when it ends (RFC 4733 end packet, tone end): consent is declared
 #: missing only once the input is complete this long past the deadline, so a key pressed
 #: just before it still counts.
@@ -242,6 +245,8 @@ class CallRecorder:
         self._facts: FactsFiles | None = None  # the spool checkpoints (durable mode)
         self._facts_seq = 0
         self._flushes = 0
+        self._checkpoint_flush = 0  # the flush count and the gaps at the last checkpoint
+        self._checkpoint_gaps = 0
         self._checkpointed: tuple[object, ...] = ()
         self._rule_facts = call_facts(call)  # what consent and retention rules match on
         self._retention: dict[str, tuple[str | None, Duration]] = {}  # status → rule, keep
@@ -529,12 +534,17 @@ class CallRecorder:
         if wrote:
             self._write_until(horizon)
         # Facts first, then the header that commits the audio.  The facts are saved when
-        # what they say changed (a key, a pause, a warning, a stream, consent) and every
-        # CHECKPOINT_FLUSHES flushes otherwise: between those only the clock, the counters
-        # and the gaps move, and recovery stretches the facts' end to the audio it finds.
+        # what they say changed (a key, a pause, a warning, a stream, consent), every
+        # CHECKPOINT_FLUSHES flushes while gaps are added, and every QUIET_CHECKPOINT_FLUSHES
+        # otherwise: between those only the clock, the counters and the gaps move, and
+        # recovery stretches the facts' end to the audio it finds.
         self._flushes += 1
-        signature = self._facts_signature()
-        if signature != self._checkpointed or self._flushes % CHECKPOINT_FLUSHES == 0:
+        since = self._flushes - self._checkpoint_flush
+        if self._facts_signature() != self._checkpointed or since >= (
+            CHECKPOINT_FLUSHES
+            if len(self.gaps) + self.gaps_omitted != self._checkpoint_gaps
+            else QUIET_CHECKPOINT_FLUSHES
+        ):
             self.checkpoint(now)
         if wrote and self.durable and self._writer is not None:
             self._writer.flush(sync=False)  # the pipeline syncs the spool as a whole
@@ -557,6 +567,8 @@ class CallRecorder:
         if not self.durable or (self.call.answer is None and self._writer is None):
             return
         self._checkpointed = self._facts_signature()
+        self._checkpoint_flush = self._flushes
+        self._checkpoint_gaps = len(self.gaps) + self.gaps_omitted
         # (after a discard the facts still go on: recovery then publishes the sidecar alone)
         doc = self._sidecar(True, "WAV", self.written, "", end=now, end_reason="recovered")
         self._facts_seq += 1

@@ -60,14 +60,24 @@ _ULAW_PAIRS = _pair_table(ULAW_TO_PCM)
 _ALAW_PAIRS = _pair_table(ALAW_TO_PCM)
 
 
+_CHUNK_PAIRS = 1 << 15
+"""Code pairs looked up per ``take``: numpy widens the index array to 64-bit integers, four
+times the size of the codes, so a whole drain's payloads (megabytes) at once would need a
+temporary several times larger than the audio it decodes; in chunks it stays 256 KiB."""
+
+
 def _decode(
     table: Pcm, pairs: npt.NDArray[np.uint32], payload: bytes | bytearray | memoryview
 ) -> Pcm:
     codes = np.frombuffer(payload, dtype=np.uint8)
     if len(codes) < 64 or len(codes) & 1:
         return table.take(codes)
-    out = pairs.take(codes.view("<u2")).view("<i2")
-    return out if out.dtype.isnative else out.astype(np.int16)
+    index = codes.view("<u2")
+    out = np.empty(len(index), dtype=np.uint32)
+    for at in range(0, len(index), _CHUNK_PAIRS):
+        pairs.take(index[at : at + _CHUNK_PAIRS], out=out[at : at + _CHUNK_PAIRS])
+    samples = out.view("<i2")
+    return samples if samples.dtype.isnative else samples.astype(np.int16)
 
 
 def decode_ulaw(payload: bytes | bytearray | memoryview) -> Pcm:

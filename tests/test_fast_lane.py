@@ -25,6 +25,7 @@ import structlog
 from callgen import CALLEE_IP, CALLER_IP, T0, Call, sdp, tone, write_pcap
 from workload import write_workload
 
+import callcap.fastlane
 from callcap.capture.block import batched
 from callcap.capture.link import (
     DLT_EN10MB,
@@ -41,6 +42,7 @@ from callcap.capture.link import (
 from callcap.capture.pcapfile import CaptureReader
 from callcap.capture.stream import RtpStream, place_runs
 from callcap.config.loader import load_config
+from callcap.fastlane import FastLane
 from callcap.pipeline import Pipeline
 
 PTIME = 160
@@ -203,6 +205,38 @@ def test_blocks_cut_anywhere_give_what_feed_gives_on_eventful_calls(
     assert len(docs["lane-2@10.20.0.1"]["streams"]) == 3
     assert docs["lane-2@10.20.0.1"]["dtmf"]
     assert docs["lane-1@10.20.0.1"]["gaps"]
+
+
+@pytest.mark.parametrize("piece", [1, 16, 64])
+def test_a_drain_placed_in_pieces_gives_what_feed_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    """A drain is placed a few whole flows at a time (bounded arrays): on calls with loss,
+    reordering, re-INVITEs, SSRC changes and DTMF the result is what feed gives."""
+    monkeypatch.setattr(callcap.fastlane, "_PLACE_FRAMES", piece)
+    cuts: list[int] = []  # pieces per drain
+    groups = callcap.fastlane._Frames.groups
+
+    def counting(self: Any, limit: int) -> Any:
+        pieces = groups(self, limit)
+        cuts.append(len(pieces))
+        return pieces
+
+    monkeypatch.setattr(callcap.fastlane._Frames, "groups", counting)
+    capture = tmp_path / "w.pcap"
+    write_workload(capture, calls=12, seconds=8, seed=3, codec="mixed", loss=0.01, jitter_ms=8.0)
+    for source, name in ((capture, "workload"), (_eventful_calls(tmp_path / "e.pcap"), "eventful")):
+        cuts.clear()
+        fast_pipeline, fast = _record(source, tmp_path / f"fast-{name}", fast=True)
+        _slow, slow = _record(source, tmp_path / f"slow-{name}", fast=False)
+        assert fast_pipeline.counters["rtp_placed_in_runs"] > 0
+        assert max(cuts) > 1, name  # drains really were cut
+        assert set(fast) == set(slow)
+        for call_id, (doc, audio) in slow.items():
+            fdoc, faudio = fast[call_id]
+            assert faudio == audio, (name, call_id)
+            for key in ("streams", "gaps", "dtmf", "warnings", "audio"):
+                assert fdoc[key] == doc[key], (name, call_id, key)
 
 
 def _packets(
@@ -433,8 +467,6 @@ def test_a_bug_in_the_lane_hands_the_block_to_feed(
 ) -> None:
     """An exception while a block is classified costs a counted internal error; the block's
     frames then go through ``feed`` and the recordings are exactly feed's."""
-    import callcap.fastlane
-
     capture = _eventful_calls(tmp_path / "calls.pcap")
     _slow_pipeline, slow = _record(capture, tmp_path / "slow", fast=False)
 
@@ -455,8 +487,6 @@ def test_a_bug_while_placing_costs_those_frames_not_the_run(
 ) -> None:
     """An exception while queued frames are placed is a counted internal error; recording
     goes on and every call is still published."""
-    from callcap.fastlane import FastLane
-
     capture = tmp_path / "w.pcap"
     info = write_workload(capture, calls=4, seconds=6, seed=3)
     calls = 0
