@@ -421,9 +421,16 @@ class Daemon:
                 "restart_required",
                 detail="capture.interfaces, ring, workers and snaplen apply at the next start",
             )
+        old_control = self.config.control
         self.config = config
         for worker in self.workers:
             worker.send(("reload", config))
+        if (old_control.socket, old_control.group) != (config.control.socket, config.control.group):
+            # the control socket moves (or goes, or comes) with the config: a client reads
+            # its path from the same file
+            if self.control is not None:
+                self.control.close()
+            self.control = self._open_control(config)
         self.log.info("config_reloaded", config=config.source, out_dir=str(out))
 
     def _shutdown(self) -> None:

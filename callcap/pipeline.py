@@ -44,10 +44,10 @@ from callcap.consent import ConsentDecision
 from callcap.errors import CallcapError, ParseError, StorageError, is_disk_full
 from callcap.fastlane import FastLane, flow_key
 from callcap.logs import RateLimitedDrops
-from callcap.publishing import Outcome, Publisher
-from callcap.recorder import CallRecorder, LossSpan, Publication, Published
+from callcap.publishing import AuditNote, Entry, Noted, Publisher, Result
+from callcap.recorder import CallRecorder, LossSpan, Published
 from callcap.sharding import owner_of
-from callcap.storage.audit import AuditLog
+from callcap.storage.audit import CONSENT_DECIDED, AuditLog
 from callcap.storage.layout import spool_dir
 from callcap.storage.reserve import DiskReserve, disk_space
 from callcap.storage.spool import FREE_FILES, SpoolSync
@@ -540,18 +540,34 @@ class Pipeline:
         self.disk_state = None
 
     def _consent_decided(self, rec: CallRecorder, decision: ConsentDecision) -> None:
-        """Log a call's consent decision when it is made (the audit entry follows with the
-        call's publication, under the archive lock)."""
+        """A call's consent decision, logged and audited when it is made; a decision to
+        keep no audio is checkpointed at once, so a crash before the call ends still leaves
+        the sidecar that says why there is no recording."""
         if decision.mode == "one_party":
             return
+        method = decision.evidence.method if decision.evidence is not None else None
         self.log.info(
             "consent_decided",
             call_uid=rec.call_uid,
             status=decision.status,
             rule=decision.rule,
-            method=decision.evidence.method if decision.evidence is not None else None,
+            method=method,
             action=decision.action,
         )
+        if rec.call.answer is None:
+            return  # no window was open: the publication says it, if it has a sidecar
+        fields = {
+            "call_uid": rec.call_uid,
+            "rule": decision.rule,
+            "status": decision.status,
+            "method": method,
+            "action": decision.action,
+        }
+        self._publisher.note(AuditNote(rec.call_uid, rec.out_dir, CONSENT_DECIDED, fields))
+        rec.consent_audited = True
+        if not decision.keeps_audio and self.recorders.get(rec.call.call_id) is rec:
+            # (a call ending now is published instead: no checkpoint after its last one)
+            self._checkpoint(rec, max(self.now, rec.call.answer))
 
     def _media(self, event: MediaOffered) -> None:
         call_id = event.call.call_id
@@ -638,9 +654,17 @@ class Pipeline:
             "recording_failed", call_uid=call_uid, error=str(exc)[:500], exc_type=type(exc).__name__
         )
 
-    def _published(self, outcomes: list[tuple[Publication, Outcome | Exception]]) -> None:
+    def _published(self, outcomes: list[tuple[Entry, Result | Exception]]) -> None:
         """Log (and hand on) what the publisher finished, in the order calls ended."""
         for publication, result in outcomes:
+            if isinstance(publication, AuditNote):
+                problem = str(result)[:500] if isinstance(result, Exception) else None
+                if isinstance(result, Noted):
+                    problem = result.problem
+                if problem is not None:
+                    self.audit_failed += 1
+                    self.log.error("audit_failed", call_uid=publication.call_uid, error=problem)
+                continue
             if isinstance(result, Exception):
                 if not isinstance(result, OSError | CallcapError):
                     self.internal_error(self.now, result)
@@ -649,6 +673,7 @@ class Pipeline:
                 if is_disk_full(result):
                     self._disk_full(str(result))
                 continue
+            assert isinstance(result, tuple)
             outcome, audit_problem = result
             if audit_problem is not None:
                 self.audit_failed += 1

@@ -12,6 +12,11 @@ two halves:
   erasure or verify ever sees a recording whose publication is not logged yet, and in the
   order the calls ended, so the audit log lists them in that order.
 
+Decisions are logged when they are made, not with the publication: :meth:`Publisher.note`
+queues an :class:`AuditNote` (a call's consent decision) that is committed in its turn like a
+publication, so the audit log says what was decided, and when, even for a call still in
+progress — or one whose sensor dies before it ends.
+
 Commits are *grouped*: whichever worker's turn it is commits every publication already
 staged behind its own as one batch — one lock, one fsync per directory, one fsync of the
 audit log — instead of each paying those waits in turn.  When calls end one by one this is
@@ -26,6 +31,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from callcap.errors import CallcapError, StorageError
 from callcap.recorder import Publication, Published
@@ -40,8 +46,30 @@ from callcap.storage.audit import (
 )
 from callcap.storage.publish import BackgroundPublisher, fsync_dir
 
+
+@dataclass(frozen=True, slots=True)
+class AuditNote:
+    """An audit entry of its own, committed in call-event order with the publications."""
+
+    call_uid: str
+    out_dir: Path
+    event: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """A note's outcome: ``problem`` is what went wrong with its entry (None if nothing)."""
+
+    note: AuditNote
+    problem: str | None
+
+
 Outcome = tuple[Published, str | None]
 """What was published, and what went wrong with its audit entry (None if nothing)."""
+
+Entry = Publication | AuditNote
+Result = Outcome | Noted
 
 _MAX_BATCH = 64
 
@@ -52,8 +80,8 @@ class _Turns:
 
     next_commit: int = 0  # the first ticket not committed yet
     committing: bool = False
-    staged: dict[int, tuple[Publication, BaseException | None]] = field(default_factory=dict)
-    outcomes: dict[int, Outcome | BaseException] = field(default_factory=dict)
+    staged: dict[int, tuple[Entry, BaseException | None]] = field(default_factory=dict)
+    outcomes: dict[int, Result | BaseException] = field(default_factory=dict)
 
 
 class Publisher:
@@ -63,7 +91,7 @@ class Publisher:
         # Staging is waiting for the disk (fsync) far more than computing: more workers than
         # cores keep several fsyncs in flight when many calls end together.
         self._audit_for = audit_for
-        self._pool: BackgroundPublisher[Publication, Outcome] = BackgroundPublisher(workers)
+        self._pool: BackgroundPublisher[Entry, Result] = BackgroundPublisher(workers)
         self._tickets = 0
         self._cond = threading.Condition()
         self._turns = _Turns()
@@ -73,7 +101,14 @@ class Publisher:
         self._tickets += 1
         self._pool.submit(publication, lambda: self._publish(publication, ticket))
 
-    def completed(self, *, wait: bool = False) -> list[tuple[Publication, Outcome | Exception]]:
+    def note(self, note: AuditNote) -> None:
+        """Log ``note`` in its turn: after the publications submitted before it, before
+        those submitted after it (a call's decision then comes before its publication)."""
+        ticket = self._tickets
+        self._tickets += 1
+        self._pool.submit(note, lambda: self._publish(note, ticket))
+
+    def completed(self, *, wait: bool = False) -> list[tuple[Entry, Result | Exception]]:
         """Finished publications, in the order they were submitted (see
         :meth:`BackgroundPublisher.completed`)."""
         return self._pool.completed(wait=wait)
@@ -81,13 +116,14 @@ class Publisher:
     def shutdown(self) -> None:
         self._pool.shutdown()
 
-    def _publish(self, publication: Publication, ticket: int) -> Outcome:
+    def _publish(self, publication: Entry, ticket: int) -> Result:
         """On a worker: stage, then wait for the turn of this ticket — committing a batch
         when the turn is this worker's, or collecting the outcome another worker's batch
         left for it."""
         failed: BaseException | None = None
         try:
-            publication.stage()
+            if not isinstance(publication, AuditNote):
+                publication.stage()
         except BaseException as exc:  # noqa: BLE001 - reported in ticket order, below
             failed = exc
         turns = self._turns
@@ -99,13 +135,13 @@ class Publisher:
                 self._cond.wait()
             else:
                 return _result(turns.outcomes.pop(ticket))
-            batch: list[tuple[int, Publication, BaseException | None]] = []
+            batch: list[tuple[int, Entry, BaseException | None]] = []
             t = ticket
             while t in turns.staged and len(batch) < _MAX_BATCH:
                 batch.append((t, *turns.staged.pop(t)))
                 t += 1
             turns.committing = True
-        outcomes: dict[int, Outcome | BaseException] = {}
+        outcomes: dict[int, Result | BaseException] = {}
         try:
             outcomes = self._commit(batch)
         finally:
@@ -124,10 +160,10 @@ class Publisher:
         return _result(mine)
 
     def _commit(
-        self, batch: list[tuple[int, Publication, BaseException | None]]
-    ) -> dict[int, Outcome | BaseException]:
+        self, batch: list[tuple[int, Entry, BaseException | None]]
+    ) -> dict[int, Result | BaseException]:
         """Commit staged publications, in order, a run of one archive at a time."""
-        outcomes: dict[int, Outcome | BaseException] = {}
+        outcomes: dict[int, Result | BaseException] = {}
         i = 0
         while i < len(batch):
             out_dir = batch[i][1].out_dir
@@ -139,9 +175,9 @@ class Publisher:
         return outcomes
 
     def _commit_archive(
-        self, out_dir: Path, batch: list[tuple[int, Publication, BaseException | None]]
-    ) -> dict[int, Outcome | BaseException]:
-        outcomes: dict[int, Outcome | BaseException] = {}
+        self, out_dir: Path, batch: list[tuple[int, Entry, BaseException | None]]
+    ) -> dict[int, Result | BaseException]:
+        outcomes: dict[int, Result | BaseException] = {}
         with contextlib.ExitStack() as stack:
             audit: AuditWriter | None = None
             problem: str | None = None
@@ -152,9 +188,13 @@ class Publisher:
                 # worse); every outcome says what went wrong with the log.
                 problem = str(exc)[:500]
             placed: list[tuple[int, Publication]] = []
+            notes: list[tuple[int, AuditNote]] = []
             for ticket, publication, failed in batch:
                 if failed is not None:
                     outcomes[ticket] = failed
+                    continue
+                if isinstance(publication, AuditNote):
+                    notes.append((ticket, publication))
                     continue
                 try:
                     publication.place()
@@ -168,7 +208,7 @@ class Publisher:
                     fsync_dir(directory)
                 except OSError as exc:
                     broken[directory] = StorageError(f"cannot publish into {directory}: {exc}")
-            published: list[tuple[int, Published]] = []
+            published: list[tuple[int, Published | AuditNote]] = list(notes)
             for ticket, publication in placed:
                 failure = broken.get(publication.stem.parent)
                 if failure is not None:
@@ -178,23 +218,36 @@ class Publisher:
                     published.append((ticket, publication.finish()))
                 except BaseException as exc:  # noqa: BLE001 - this publication only
                     outcomes[ticket] = exc
+            published.sort(key=lambda item: item[0])  # the log follows the tickets' order
             for ticket, done in published:
-                outcomes[ticket] = (done, problem)
-                if audit is not None:
-                    outcomes[ticket] = (done, _log_publication(audit, done))
+                outcomes[ticket] = _logged(audit, done, problem)
             if audit is not None and published:
                 try:
                     audit.sync()
                 except StorageError as exc:
                     for ticket, done in published:
-                        outcomes[ticket] = (done, str(exc)[:500])
+                        outcomes[ticket] = _logged(None, done, str(exc)[:500])
         return outcomes
 
 
-def _result(outcome: Outcome | BaseException) -> Outcome:
+def _result(outcome: Result | BaseException) -> Result:
     if isinstance(outcome, BaseException):
         raise outcome
     return outcome
+
+
+def _logged(log: AuditWriter | None, done: Published | AuditNote, problem: str | None) -> Result:
+    """Log one committed entry (when the lock was had: ``log`` is not None); its outcome."""
+    if isinstance(done, AuditNote):
+        if log is not None:
+            try:
+                log.append(done.event, done.fields, sync=False)
+            except (OSError, CallcapError) as exc:
+                problem = str(exc)[:500]
+        return Noted(done, problem)
+    if log is not None:
+        problem = _log_publication(log, done)
+    return (done, problem)
 
 
 def _log_publication(log: AuditWriter, published: Published) -> str | None:
@@ -214,7 +267,9 @@ def _log_publication(log: AuditWriter, published: Published) -> str | None:
     doc = published.document
     consent = doc["consent"]
     try:
-        if consent["mode"] == "all_party":
+        if consent["mode"] == "all_party" and not published.consent_audited:
+            # (a decision is audited when made; this is for one the recorder had not made
+            # until the call ended — ``missing`` settled at the end — or did not note)
             evidence = consent["evidence"]
             log.append(
                 CONSENT_DECIDED,

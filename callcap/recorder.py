@@ -126,6 +126,8 @@ class Published:
     wav: PublishedFile | None
     document: dict[str, Any]
     sidecar_sha256: str | None = None
+    #: the consent decision has its own audit entry already (logged when it was made)
+    consent_audited: bool = False
 
 
 @dataclass(slots=True)
@@ -143,6 +145,7 @@ class Publication:
     dir_mode: int
     #: (output dir, writer pid) of a durable recorder's spool entry, forgotten once published
     spool_entry: tuple[Path, int] | None = None
+    consent_audited: bool = False
     _wav: PublishedFile | None = None
     _sidecar: StagedJson | None = None
 
@@ -212,6 +215,7 @@ class Publication:
                 self._wav,
                 self.doc,
                 sidecar.sha256 if sidecar is not None else None,
+                self.consent_audited,
             )
         finally:
             release_stem(self.stem)
@@ -281,6 +285,8 @@ class CallRecorder:
         self._clock = call.start
         self.consent = ConsentTracker(config.consent, self._rule_facts)
         self.on_consent = on_consent
+        #: the listener logged the consent decision in the audit log when it was made
+        self.consent_audited = False
         #: Consent refused or missing with discard: no audio or key is kept any more.
         self.discarded = False
         #: Tone detection runs only for the consent window (``dtmf.inband`` is off).
@@ -733,6 +739,7 @@ class CallRecorder:
             file_mode=self.config.recording.file_mode,
             dir_mode=self.config.recording.dir_mode,
             spool_entry=(self.out_dir, self._pid) if self.durable else None,
+            consent_audited=self.consent_audited,
         )
 
     def discard(self) -> None:

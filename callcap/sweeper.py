@@ -65,6 +65,7 @@ class RetentionSweeper:
                 self.log.error("retention_sweep_error", **fields, error=o.why[:500])
         self.log.info(
             "retention_swept",
+            out_dir=str(self.out_dir),
             now=now.isoformat(),
             deleted=sum(o.action == "deleted" for o in outcomes),
             held=sum(o.action == "kept" for o in outcomes),

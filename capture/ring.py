@@ -125,8 +125,8 @@ class BlockReport:
     outgoing: int = 0  # loopback's outgoing copies (the incoming copy is kept, as libpcap does)
     corrupt: str | None = None  # why the rest of the block was skipped
     losing: bool = False  # TP_STATUS_LOSING: the kernel dropped frames before this block closed
-    first_ts: float | None = None
-    last_ts: float | None = None
+    first_ts: float | None = None  # the block's oldest frame time
+    last_ts: float | None = None  # its newest
 
 
 def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
@@ -155,28 +155,40 @@ def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
         report.corrupt = f"block claims {count} frames, room for at most {most}"
         count = most
     words = memoryview(data)[: len(data) & ~3].cast("I")
-    offsets = [0] * count
+    # The walk does only what it must per frame: stay inside the block (a frame header
+    # and the link header's least must fit) and follow the chain.  Alignment is checked
+    # afterwards for all frames at once: a misaligned offset reads a wrong step, but one
+    # still bounded by the block, and the walk is cut at the first misaligned frame.
+    offsets: list[int] = []
+    append = offsets.append
+    last = limit - FRAME_HDR_SIZE - 20
     at = first
-    walked = 0
-    for i in range(count):
-        if at + FRAME_HDR_SIZE + 20 > limit or at & (V3_ALIGNMENT - 1):
-            report.corrupt = f"frame {i} at offset {at} outside the block or misaligned"
+    ended = False
+    for _ in range(count):
+        if at > last:
             break
-        offsets[i] = at
-        walked = i + 1
+        append(at)
         step = words[at >> 2]
-        if step == 0:
-            if i != count - 1:
-                report.corrupt = f"frame chain ends at frame {i} of {count}"
+        if not step:
+            ended = True
             break
         at += step
     del words
-    if walked < count:
-        offsets = offsets[:walked]
+    walked = len(offsets)
+    hdr = np.array(offsets, dtype=np.int64)
+    misaligned = np.flatnonzero(hdr & (V3_ALIGNMENT - 1))
+    if len(misaligned):
+        walked = int(misaligned[0])
+        report.corrupt = f"frame {walked} at offset {offsets[walked]} misaligned"
+        hdr = hdr[:walked]
+    elif walked < count:
+        if ended:
+            report.corrupt = f"frame chain ends at frame {walked - 1} of {count}"
+        else:
+            report.corrupt = f"frame {walked} at offset {at} outside the block"
     report.frames = walked
     if not walked:
         return _empty(), report
-    hdr = np.array(offsets, dtype=np.int64)
     snaplen = values_at(data, hdr + _TP_SNAPLEN, "=u4").astype(np.int64)
     wire = values_at(data, hdr + _TP_LEN, "=u4").astype(np.int64)
     mac = values_at(data, hdr + _TP_MAC, "=u2").astype(np.int64)
@@ -202,8 +214,10 @@ def parse_block(data: bytes, block_size: int) -> tuple[FrameBlock, BlockReport]:
     report.truncated = int((cut & inside & ~outgoing).sum())
     report.outgoing = int((outgoing & inside).sum())
     keep = inside & ~cut & ~outgoing
-    report.first_ts = float(times[0])
-    report.last_ts = float(times[walked - 1])
+    # The oldest and newest, not the first and last: a frame's time is when the kernel (or
+    # the sender, for an outgoing copy) stamped it, and ring order need not follow it.
+    report.first_ts = float(times.min())
+    report.last_ts = float(times.max())
     if not keep.all():
         starts, snaplen, times, hatype = starts[keep], snaplen[keep], times[keep], hatype[keep]
     return (

@@ -269,3 +269,66 @@ def test_publications_commit_in_call_end_order_in_one_batch_whatever_order_they_
         "2",
     ]
     assert locks == [tmp_path]  # one batch, one lock
+
+
+def test_a_note_is_logged_in_its_turn_between_the_publications_around_it(tmp_path: Path) -> None:
+    """A consent decision noted while calls are being published: its audit entry comes
+    after the publications submitted before it and before those after it, whichever staged
+    first, in the same group commit."""
+    from callcap.publishing import AuditNote, Noted, Publisher
+    from callcap.recorder import Published
+    from callcap.storage.audit import AuditLog, read_log
+
+    class Staged:
+        def __init__(self, ticket: int, delay: float) -> None:
+            self.ticket, self.delay = ticket, delay
+            self.out_dir = tmp_path
+            self.stem = tmp_path / f"call{ticket}"
+
+        def stage(self) -> None:
+            threading.Event().wait(self.delay)
+
+        def place(self) -> None:
+            pass
+
+        def finish(self) -> Published:
+            doc = {
+                "consent": {"mode": "one_party", "status": "not_required"},
+                "end_reason": "bye_caller",
+                "retention": {"delete_after": None},
+            }
+            sidecar = self.stem.with_suffix(".json")
+            return Published(str(self.ticket), sidecar, None, doc, "0" * 64)
+
+    fields = {"call_uid": "1", "rule": "r", "status": "granted", "method": "dtmf"}
+    publisher = Publisher(AuditLog, workers=3)
+    publisher.submit(Staged(0, 0.3))  # type: ignore[arg-type]
+    publisher.note(AuditNote("1", tmp_path, "consent_decided", fields))
+    publisher.submit(Staged(2, 0.0))  # type: ignore[arg-type]
+    outcomes = publisher.completed(wait=True)
+    publisher.shutdown()
+    assert [type(result).__name__ for _p, result in outcomes] == ["tuple", "Noted", "tuple"]
+    noted = outcomes[1][1]
+    assert isinstance(noted, Noted) and noted.problem is None
+    lines = list(read_log(tmp_path / "audit.jsonl"))
+    assert [line.entry["event"] for line in lines] == [
+        "recording_discarded",
+        "consent_decided",
+        "recording_discarded",
+    ]
+    assert [line.entry["fields"]["call_uid"] for line in lines] == ["0", "1", "2"]
+    assert lines[1].entry["fields"] == fields
+
+
+def test_a_note_that_cannot_be_logged_says_why(tmp_path: Path) -> None:
+    from callcap.publishing import AuditNote, Noted, Publisher
+    from callcap.storage.audit import AuditLog
+
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_bytes(b"")
+    publisher = Publisher(AuditLog, workers=1)
+    publisher.note(AuditNote("1", blocked, "consent_decided", {"call_uid": "1"}))
+    ((_note, result),) = publisher.completed(wait=True)
+    publisher.shutdown()
+    assert isinstance(result, Noted)
+    assert result.problem is not None and "not-a-directory" in result.problem

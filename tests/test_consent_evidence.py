@@ -10,8 +10,10 @@ with the decision, and the audit log says what was decided and discarded.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from callcap.config.loader import load_config_text
 from callcap.logs import get_logger
 from callcap.pipeline import Pipeline
 from callcap.storage.lock import LOCK_FILE
+from callcap.storage.spool import recover_spool
 
 CORPUS = corpus_dir()
 
@@ -431,6 +434,74 @@ def test_the_spool_is_removed_as_soon_as_consent_is_decided(
     ((doc, _audio),) = outputs(tmp_path)
     assert doc["consent"]["status"] == decision.status
     assert doc["end"] == "2023-11-14T22:13:33.400Z"  # the call facts go on to the BYE
+
+
+def _audit_entries_within(out: Path, count: int, seconds: float = 10.0) -> list[dict[str, Any]]:
+    """The audit log once it holds ``count`` entries (a publisher thread writes it)."""
+    path = out / "audit.jsonl"
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            if len(lines) >= count:
+                return [json.loads(line) for line in lines]
+        time.sleep(0.02)
+    raise AssertionError(f"the audit log did not reach {count} entries")
+
+
+@pytest.mark.parametrize(("digit", "status"), [("1", "granted"), ("2", "refused")])
+def test_a_decision_is_audited_and_saved_when_it_is_made(
+    tmp_path: Path, digit: str, status: str
+) -> None:
+    """Not when the call ends: a sensor that dies in the call's eleventh second, after a key
+    in its first, leaves the decision in the audit log, and a refused call's spool entry
+    already says why there is no audio (recovery publishes that sidecar alone)."""
+    call, start, _ref_a, _ref_b = talking_call(12.0)
+    keys(call, start, [(1.0, digit)])
+    call.bye(start + 12.3)
+    pcap = write_pcap(tmp_path / "c.pcap", call.records)
+    out = tmp_path / "out"
+    pipeline = Pipeline(load_config_text(rule()), out, get_logger("test"), durable=True)
+    crashed = tmp_path / "crashed"
+    with CaptureReader(str(pcap)) as reader:
+        for ts, linktype, frame in reader:
+            pipeline.feed(ts, linktype, frame)
+            if ts >= start + 3.0 and not crashed.exists():
+                (rec,) = pipeline.recorders.values()
+                assert rec.consent.decision is not None
+                assert rec.consent.decision.status == status
+                (entry,) = _audit_entries_within(out, 1)
+                # a copy of the output directory as a crash at this moment leaves it
+                shutil.copytree(out, crashed)
+    pipeline.close("capture_end")
+    assert entry["event"] == "consent_decided"
+    assert entry["fields"] == {
+        "call_uid": rec.call_uid,
+        "rule": "eu-callers",
+        "status": status,
+        "method": "dtmf",
+        "action": "kept" if status == "granted" else "discarded",
+    }
+    # the decision is logged once: the publication does not log it again
+    entries = audit(tmp_path)
+    published = "recording_published" if status == "granted" else "recording_discarded"
+    assert [e["event"] for e in entries] == ["consent_decided", published]
+    assert entries[0] == entry
+    assert callcap("verify", str(out)).returncode == 0
+
+    spooled = sorted(p.name for p in (crashed / ".spool").iterdir() if p.is_file())
+    if status == "refused":
+        assert not [name for name in spooled if ".wav" in name]  # no audio kept, even there
+    (recovered,), damaged = recover_spool(crashed, alive=lambda pid: False)
+    assert damaged == []
+    doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
+    assert doc["consent"]["status"] == status
+    assert doc["end_reason"] == "recovered"
+    if status == "refused":
+        assert recovered.wav is None and doc["audio"] is None
+        assert doc["consent"]["action"] == "discarded" and doc["dtmf"] == []
+    else:
+        assert recovered.wav is not None
 
 
 def corpus_record(tmp: Path, name: str, config: str) -> dict[str, Any]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from daemon_harness import RunningDaemon
 from recorded_archive import audit_entries, callcap, record_calls
+
+from callcap.control import ControlError, request
 
 pytestmark = pytest.mark.e2e
 
@@ -42,3 +45,49 @@ def test_the_daemon_deletes_expired_unheld_recordings_periodically(tmp_path: Pat
     assert len(sweeps) >= 2 and all(s["deleted"] == 0 for s in sweeps[1:])
     assert [e["event"] for e in audit_entries(out)][3:] == ["hold_added", "recording_deleted"]
     callcap("verify", str(out))
+
+
+def test_a_reload_moves_the_sweep_and_the_control_socket_with_the_config(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP with a new ``recording.out_dir`` and ``control.socket``: the next sweeps walk
+    the new archive (deleting what expired there, logged and audited there), the old one is
+    left alone, and the control socket answers at its new path only."""
+    first = tmp_path / "first"
+    old_sock, new_sock = tmp_path / "run" / "old.sock", tmp_path / "run" / "new.sock"
+    (tmp_path / "arch").mkdir()
+    recorded = record_calls(tmp_path / "arch")
+    archive = tmp_path / "arch" / "out"
+    expired = [recorded["plain-1@10.20.0.1"], recorded["subject-1@10.20.0.1"]]
+    kept = recorded["finance-1@10.20.0.1"]
+    cfg = tmp_path / "daemon.yaml"
+    text = "recording:\n  out_dir: {out}\nretention:\n  sweep_interval_s: 0.5\ncontrol:\n  socket: {sock}\n"
+    cfg.write_text(text.format(out=first, sock=old_sock), encoding="utf-8")
+    daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--config", str(cfg)])
+    try:
+        daemon.wait_ready()
+        swept = daemon.wait_event("retention_swept")
+        assert swept["out_dir"] == str(first) and swept["deleted"] == 0
+        assert request(str(old_sock), "pause", "nobody@x")["ok"] is False
+        cfg.write_text(text.format(out=archive, sock=new_sock), encoding="utf-8")
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert daemon.wait_event("config_reloaded")["out_dir"] == str(archive)
+        moved = daemon.wait_event("retention_swept", where=lambda e: e["out_dir"] == str(archive))
+        assert moved["deleted"] == 2
+        reply = request(str(new_sock), "pause", "nobody@x")
+        assert reply["ok"] is False and "no call in progress" in reply["error"]
+        assert not old_sock.exists()
+        with pytest.raises(ControlError):
+            request(str(old_sock), "pause", "nobody@x", timeout=1)
+        assert daemon.stop() == 0, daemon.stderr[-2000:]
+    finally:
+        daemon.close()
+    for gone in expired:
+        assert not gone.sidecar.exists() and not gone.wav.exists()
+    assert kept.sidecar.exists() and kept.wav.exists()
+    deleted = [e for e in daemon.events() if e["event"] == "recording_deleted"]
+    assert sorted(e["call_uid"] for e in deleted) == sorted(r.call_uid for r in expired)
+    assert [e["event"] for e in audit_entries(archive)][3:] == ["recording_deleted"] * 2
+    assert not (first / "audit.jsonl").exists()  # nothing was swept or logged there
+    callcap("verify", str(archive))
+    assert not new_sock.exists()  # removed at the clean stop
