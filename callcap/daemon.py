@@ -1,8 +1,9 @@
 """``callcap daemon``: the live recorder's master process and its lifecycle.
 
-The master records nothing itself.  It recovers what a previous run left in the spool, then
-starts ``capture.workers`` recording workers (:mod:`callcap.capture_worker`; why several,
-and why each sees every frame: :mod:`callcap.workers`) and supervises them:
+The master records nothing itself.  It recovers what a previous run left in the spool (in
+the background, beside capture: :mod:`callcap.recovery`), starts ``capture.workers``
+recording workers (:mod:`callcap.capture_worker`; why several, and why each sees every
+frame: :mod:`callcap.workers`) and supervises them:
 
 - **Signals** only set flags (gunicorn's arbiter does the same); the loop acts on them.
   SIGTERM/SIGINT are passed to every worker, which ends its calls in flight as
@@ -36,14 +37,13 @@ from callcap.capture_worker import run_worker
 from callcap.config.loader import load_config
 from callcap.config.schema import Config
 from callcap.control import ControlError, ControlServer
-from callcap.errors import CallcapError, ConfigError, StorageError
+from callcap.errors import ConfigError, StorageError
 from callcap.logs import LogFormat, configure_logging, get_logger
+from callcap.recovery import SpoolRecovery
 from callcap.sdnotify import Notifier
 from callcap.sharding import owner_of
-from callcap.storage.audit import RECORDING_DISCARDED, RECORDING_PUBLISHED, AuditLog, FileRef
 from callcap.storage.layout import ensure_dir
 from callcap.storage.lock import OutputInUse, OutputLock
-from callcap.storage.spool import Recovered, recover_spool
 from callcap.sweeper import RetentionSweeper
 from callcap.workers import Worker, start_worker, wait_any, worker_count
 
@@ -117,6 +117,8 @@ class Daemon:
         self._last_totals: dict[str, int] = {}
         self._last_stats = time.monotonic()
         self._lock: OutputLock | None = None  # on the output directory, while running
+        self._recovery: SpoolRecovery | None = None
+        self._stop_deadline: float | None = None  # monotonic, once shutdown has begun
 
     def _on_stop(self, _signum: int, _frame: FrameType | None) -> None:
         self._stop = True
@@ -160,7 +162,9 @@ class Daemon:
             return EXIT_BUSY
         except StorageError:
             return EXIT_CAPTURE
-        self._recover(config, out)
+        # Listed now, before any worker spools a file; recovered beside capture.
+        self._recovery = SpoolRecovery(log)
+        self._recovery.queue(config, out, "start")
         try:
             for index in range(count):
                 self.workers.append(self._start(index, count))
@@ -173,6 +177,9 @@ class Daemon:
         finally:
             if self.control is not None:
                 self.control.close()
+            if self._recovery is not None:
+                deadline = self._stop_deadline or time.monotonic() + STOP_TIMEOUT_S
+                self._recovery.close(deadline)
             self.notifier.close()
             for worker in self.workers:
                 if worker.process.is_alive():
@@ -311,7 +318,8 @@ class Daemon:
         log = self.log
         died = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
         log.error("worker_exited", worker=index, pid=worker.pid, how=died)
-        self._recover(self.config, Path(self.config.recording.out_dir))
+        if self._recovery is not None:
+            self._recovery.queue(self.config, Path(self.config.recording.out_dir), "worker_exited")
         mono = time.monotonic()
         self._restarts = [t for t in self._restarts if mono - t < 60.0] + [mono]
         if len(self._restarts) > MAX_RESTARTS:
@@ -434,6 +442,7 @@ class Daemon:
         self.log.info("config_reloaded", config=config.source, out_dir=str(out))
 
     def _shutdown(self) -> None:
+        self._stop_deadline = time.monotonic() + STOP_TIMEOUT_S  # recovery's too
         self.notifier.stopping()
         active = sum(int(w.stats.get("active_calls", 0)) for w in self.workers)
         self.log.info("daemon_stopping", reason="signal", active_calls=active)
@@ -458,57 +467,6 @@ class Daemon:
                 self.log.error("worker_killed", worker=worker.index, pid=worker.pid)
                 worker.process.kill()
             worker.process.join(5)
-
-    # -- recovery ---------------------------------------------------------------------------
-
-    def _recover(self, config: Config, out: Path) -> None:
-        """Publish the calls a dead writer left in the spool (crash, kill -9, power cut).
-
-        Runs before any worker starts, and again when a worker dies: entries of live
-        writers — the other workers, another callcap on the same directory — are left alone.
-        """
-        recovered, damaged = recover_spool(
-            out, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
-        )
-        for call in recovered:
-            self.log.info(
-                "call_recovered",
-                call_uid=call.call_uid,
-                path=str(call.wav.path) if call.wav is not None else None,
-                sidecar=str(call.sidecar),
-                bytes=call.wav.size if call.wav is not None else None,
-                sha256=call.wav.sha256 if call.wav is not None else None,
-                duration_s=call.duration_s,
-                audio_s=call.audio_s,
-            )
-        if recovered:
-            self._audit_recovered(config, out, recovered)
-        for entry in damaged:
-            self.log.error(
-                "spool_entry_damaged",
-                entry=entry.name,
-                reason=entry.reason,
-                moved_to=[str(p) for p in entry.moved_to],
-            )
-
-    def _audit_recovered(self, config: Config, out: Path, recovered: list[Recovered]) -> None:
-        """Recovered recordings enter the audit log like any other, so ``verify`` knows them."""
-        try:
-            with AuditLog(
-                out, file_mode=config.recording.file_mode, dir_mode=config.recording.dir_mode
-            ).locked() as audit:
-                for call in recovered:
-                    files: dict[str, FileRef] = {}
-                    if call.wav is not None:
-                        files["wav"] = audit.ref(call.wav.path, call.wav.sha256)
-                    files["sidecar"] = audit.ref(call.sidecar)
-                    audit.append(
-                        RECORDING_PUBLISHED if call.wav is not None else RECORDING_DISCARDED,
-                        {"call_uid": call.call_uid, "end_reason": "recovered"},
-                        files,
-                    )
-        except (OSError, CallcapError) as exc:
-            self.log.error("audit_failed", error=str(exc)[:500])
 
 
 _COUNTERS: Final = (

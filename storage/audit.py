@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -239,6 +240,29 @@ class AuditWriter:
         return entry
 
 
+#: Descriptors of archive locks this process holds or waits for.  A process forked
+#: meanwhile (the daemon starting or restarting a worker while a thread of it recovers or
+#: sweeps) gets copies of them, and an ``flock`` lasts as long as any copy is open: so the
+#: child closes its copies at once, or the lock would never be released.
+_LOCK_FDS: set[int] = set()
+_LOCK_FDS_GUARD = threading.Lock()  # no fork between opening a descriptor and listing it
+
+
+def _close_lock_copies() -> None:
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+    _LOCK_FDS_GUARD.release()
+
+
+os.register_at_fork(
+    before=_LOCK_FDS_GUARD.acquire,
+    after_in_parent=_LOCK_FDS_GUARD.release,
+    after_in_child=_close_lock_copies,
+)
+
+
 class AuditLog:
     """The audit log of one output directory; append with ``with log.locked() as w:``."""
 
@@ -257,7 +281,9 @@ class AuditLog:
         """
         try:
             ensure_dir(self.out_dir, self.dir_mode)
-            dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            with _LOCK_FDS_GUARD:
+                dir_fd = os.open(self.out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                _LOCK_FDS.add(dir_fd)
         except OSError as exc:
             raise StorageError(f"cannot open {self.out_dir}: {exc.strerror or exc}") from exc
         writer = AuditWriter(self)
@@ -266,7 +292,9 @@ class AuditLog:
             yield writer
         finally:
             writer.close()
-            os.close(dir_fd)  # closing releases the flock
+            with _LOCK_FDS_GUARD:
+                _LOCK_FDS.discard(dir_fd)
+                os.close(dir_fd)  # closing releases the flock
 
 
 @dataclass(frozen=True, slots=True)

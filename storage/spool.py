@@ -39,7 +39,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,7 +48,13 @@ from typing import Any
 
 from callcap.errors import StorageError, storage_error
 from callcap.storage.layout import ensure_dir, recording_stem, spool_dir, unique_stem
-from callcap.storage.publish import PublishedFile, publish_file, write_json_atomic
+from callcap.storage.publish import (
+    PublishedFile,
+    fsync_dir,
+    publish_file,
+    seal_file,
+    write_json_atomic,
+)
 from callcap.storage.sidecar import iso_utc, validate_sidecar
 from callcap.storage.wav import recover_spooled_wav
 
@@ -384,6 +391,7 @@ class Recovered:
     sidecar: Path
     duration_s: float
     audio_s: float
+    end_reason: str = "recovered"  # the sidecar's (its staged one's, if that was saved)
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,47 +418,78 @@ def process_alive(pid: int) -> bool:
     return b"callcap" in cmdline
 
 
-def recover_spool(
+def spool_files(out_dir: Path) -> frozenset[Path]:
+    """Every file in the spool now (its free and reserve files included): what a recovery
+    that runs beside new writers may touch, so it never takes a file one of them made."""
+    spool = spool_dir(out_dir)
+    found: set[Path] = set()
+    for folder in (spool, spool / FREE, spool / RESERVE):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found.update(folder / name for name in names)
+    return frozenset(found)
+
+
+def recover_spool(out_dir: Path, **options: Any) -> tuple[list[Recovered], list[Damaged]]:
+    """Publish every spool entry whose writer is gone; move what cannot be saved aside
+    (``options``: those of :func:`recover_entries`)."""
+    recovered: list[Recovered] = []
+    damaged: list[Damaged] = []
+    for outcome in recover_entries(out_dir, **options):
+        if isinstance(outcome, Recovered):
+            recovered.append(outcome)
+        else:
+            damaged.append(outcome)
+    return recovered, damaged
+
+
+def recover_entries(
     out_dir: Path,
     *,
     file_mode: int = 0o640,
     dir_mode: int = 0o750,
     alive: Callable[[int], bool] = process_alive,
-) -> tuple[list[Recovered], list[Damaged]]:
-    """Publish every spool entry whose writer is gone; move what cannot be saved aside."""
+    only: AbstractSet[Path] | None = None,
+) -> Iterator[Recovered | Damaged]:
+    """:func:`recover_spool` one entry at a time: each is published (or moved aside) when
+    the next outcome is asked for, so a caller can hold the archive lock around each one and
+    log it there.  ``only`` limits recovery to those files (see :func:`spool_files`)."""
     spool = spool_dir(out_dir)
     if not spool.is_dir():
-        return [], []
+        return
+
+    def dead(path: Path, pid: int) -> bool:
+        return (only is None or path in only) and not alive(pid)
+
     entries: dict[tuple[str, int], dict[str, Path]] = {}
-    _remove_free(spool / FREE, alive)
-    _remove_free(spool / RESERVE, alive)  # a crashed writer's reserve: its room comes back
+    _remove_free(spool / FREE, dead)
+    _remove_free(spool / RESERVE, dead)  # a crashed writer's reserve: its room comes back
     for path in sorted(spool.iterdir()):
         temp = _TEMP.match(path.name)
-        if temp is not None and not alive(int(temp.group("pid"))):
+        if temp is not None and dead(path, int(temp.group("pid"))):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # half-written facts replacement: the old facts file stands
             continue
         m = _ENTRY.match(path.name)
-        if m is None or not path.is_file():
+        if m is None or not path.is_file() or (only is not None and path not in only):
             continue
         key = (m.group("uid"), int(m.group("pid")))
         entries.setdefault(key, {})[m.group("kind")] = path
-    recovered: list[Recovered] = []
-    damaged: list[Damaged] = []
     for (uid, pid), files in sorted(entries.items()):
         if alive(pid):
             continue
         try:
             call = _recover_one(out_dir, uid, files, file_mode, dir_mode)
         except (StorageError, OSError, ValueError) as exc:
-            damaged.append(_move_aside(spool, f"{uid}-{pid}", files, str(exc), dir_mode))
+            yield _move_aside(spool, f"{uid}-{pid}", files, str(exc), dir_mode)
             continue
         if call is not None:
-            recovered.append(call)
-    return recovered, damaged
+            yield call
 
 
-def _remove_free(free: Path, alive: Callable[[int], bool]) -> None:
+def _remove_free(free: Path, dead: Callable[[Path, int], bool]) -> None:
     """Remove the free checkpoint files (or reserves) of writers that are gone."""
     try:
         names = os.listdir(free)
@@ -458,7 +497,7 @@ def _remove_free(free: Path, alive: Callable[[int], bool]) -> None:
         return
     for name in names:
         m = _FREE_NAME.match(name)
-        if m is not None and not alive(int(m.group("pid"))):
+        if m is not None and dead(free / name, int(m.group("pid"))):
             with contextlib.suppress(OSError):
                 os.unlink(free / name)
 
@@ -480,9 +519,10 @@ def _recover_one(
     if (facts.sidecar.get("consent") or {}).get("action") == "discarded":
         return _recover_discarded(out_dir, uid, facts, files, file_mode, dir_mode)
     if part is None:
-        raise StorageError(
-            "call facts without audio (the audio may already be published without its sidecar)"
-        )
+        published = _published_alone(out_dir, uid, facts)
+        if published is None:
+            raise StorageError("call facts without audio, and no published audio of the call")
+        return _recover_sidecar(published, uid, facts, files, file_mode, dir_mode)
     frames, fmt = recover_spooled_wav(part)
     stem = unique_stem(recording_stem(out_dir, facts.start, uid))
     wav_final = stem.with_suffix(".wav")
@@ -496,6 +536,77 @@ def _recover_one(
     )
     _remove_facts(files)
     return Recovered(uid, wav, sidecar.path, doc["duration_s"], doc["audio"]["duration_s"])
+
+
+def _published_alone(out_dir: Path, uid: str, facts: CallFacts) -> Path | None:
+    """The call's WAV already in the archive while its facts are still in the spool: the
+    writer died between the two renames that publish a recording (audio first, sidecar
+    last), or after both but before it forgot the entry (and logged the publication)."""
+    stem = recording_stem(out_dir, facts.start, uid)
+    name = re.compile(re.escape(stem.name) + r"(-[0-9]+)?\.wav")
+    try:
+        names = os.listdir(stem.parent)
+    except OSError:
+        return None
+    found = [stem.parent / n for n in sorted(names) if name.fullmatch(n)]
+    alone = [wav for wav in found if not wav.with_suffix(".json").exists()]
+    if len(alone) > 1:
+        raise StorageError(f"{len(alone)} published WAVs of the call without a sidecar")
+    if alone:
+        return alone[0]
+    return found[-1] if len(found) == 1 else None
+
+
+def _recover_sidecar(
+    wav: Path,
+    uid: str,
+    facts: CallFacts,
+    files: dict[str, Path],
+    file_mode: int,
+    dir_mode: int,
+) -> Recovered:
+    """Give a WAV published alone its sidecar: the one its writer had staged beside it
+    (whole and fsynced before the WAV was renamed, and naming this WAV's hash) if it is
+    there, else one rebuilt from the spool facts, as for any recovered call.  A WAV whose
+    sidecar is in place already is handed back as it is (to be logged as published)."""
+    final = wav.with_suffix(".json")
+    staged = sorted(wav.parent.glob(f".{final.name}.tmp-*"))
+    size, digest = seal_file(wav, file_mode=file_mode)
+    sidecar: Path | None = None
+    doc: dict[str, Any] | None = None
+    if final.exists():  # both in place: the publication only lacks its audit entry
+        doc = json.loads(final.read_bytes())
+        if not isinstance(doc, dict) or (doc.get("audio") or {}).get("sha256") != digest:
+            raise StorageError(f"{final.name} does not describe {wav.name}")
+        sidecar = final
+    for tmp in staged if sidecar is None else ():
+        try:
+            candidate = json.loads(tmp.read_bytes())
+            validate_sidecar(candidate)
+        except (OSError, ValueError, StorageError):
+            continue
+        audio = candidate.get("audio") or {}
+        if audio.get("sha256") == digest and audio.get("bytes") == size:
+            os.rename(tmp, final)
+            fsync_dir(final.parent)
+            sidecar, doc = final, candidate
+            break
+    if sidecar is None or doc is None:
+        frames, fmt = recover_spooled_wav(wav)
+        size, digest = seal_file(wav, file_mode=file_mode)
+        doc = _recovered_sidecar(facts, wav.name, fmt, frames)
+        doc["audio"]["sha256"] = digest
+        doc["audio"]["bytes"] = size
+        validate_sidecar(doc)
+        sidecar = write_json_atomic(final, doc, file_mode=file_mode, dir_mode=dir_mode).path
+    for tmp in staged:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    _remove_facts(files)
+    wav_file = PublishedFile(wav, size, digest)
+    return Recovered(
+        uid, wav_file, sidecar, doc["duration_s"], doc["audio"]["duration_s"], doc["end_reason"]
+    )
 
 
 def _remove_facts(files: dict[str, Path]) -> None:
@@ -625,6 +736,8 @@ __all__ = [
     "checkpoint_facts",
     "facts_path",
     "process_alive",
+    "recover_entries",
     "recover_spool",
     "remove_entry",
+    "spool_files",
 ]

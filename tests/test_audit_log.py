@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from callcap.storage.audit import GENESIS, AuditLog
+from callcap.storage.audit import GENESIS, RECORDING_PUBLISHED, AuditLog
 from callcap.storage.verify import verify
 
 WRITER = """
@@ -88,3 +92,30 @@ def test_a_torn_last_line_is_reported_and_the_chain_continues_after_it(tmp_path:
     report = verify(tmp_path)
     (problem,) = report.problems
     assert str(problem).startswith("chain: audit line 2: not a JSON object")
+
+
+def test_a_process_forked_while_the_lock_is_held_does_not_keep_it(tmp_path: Path) -> None:
+    """The daemon forks workers while a thread of it may hold the archive lock (recovery, a
+    sweep): the child's copy of the lock's descriptor must not outlive the holder's."""
+    log = AuditLog(tmp_path)
+    started, child_up = os.pipe()
+    with log.locked() as writer:
+        writer.append(RECORDING_PUBLISHED, {"call_uid": "a"})
+        pid = os.fork()
+        if pid == 0:  # the child outlives the parent's hold on the lock
+            os.write(child_up, b"!")
+            time.sleep(3)
+            os._exit(0)
+    assert os.read(started, 1) == b"!"  # the child is running
+    os.close(started)
+    os.close(child_up)
+    try:
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free although the child lives
+        finally:
+            os.close(fd)
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # (it was still running)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

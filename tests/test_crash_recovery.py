@@ -2,8 +2,8 @@
 
 The daemon records a real sipp call on loopback and is killed with SIGKILL at a random
 moment of the call (seeded, so a failure replays).  The restarted daemon must publish that
-call from the spool before it captures anything: a complete WAV holding the audio up to the
-last flush (which correlates with what was sent) and a sidecar with ``end_reason:
+call from the spool — beside capture, which starts at once however long recovery takes: a
+complete WAV holding the audio up to the last flush (which correlates with what was sent) and a sidecar with ``end_reason:
 "recovered"`` that validates; the spool is empty afterwards, and nothing published earlier
 has changed by a byte.  A spool entry that cannot be recovered is moved aside, and the files
 of a writer that is still running are left alone.
@@ -11,8 +11,10 @@ of a writer that is still running are left alone.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -27,6 +29,7 @@ import pytest
 import soundfile
 from daemon_harness import RunningDaemon
 from sipp_harness import CallRun, best_lag, run_call
+from test_spool_recovery_rules import _checkpoint_sidecar, _dead_writer_entry
 
 from callcap.storage.lock import LOCK_FILE
 from callcap.storage.sidecar import validate_sidecar
@@ -60,6 +63,16 @@ def _assert_whole(out: Path) -> None:
         with wave.open(str(wav)) as w:
             assert (w.getnchannels(), w.getframerate(), w.getsampwidth()) == (2, 8000, 2)
             assert w.getnframes() == doc["audio"]["frames"]
+
+
+def _assert_verifies(out: Path) -> None:
+    verify = subprocess.run(
+        [sys.executable, "-m", "callcap", "verify", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verify.returncode == 0, verify.stdout
 
 
 def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netns: str) -> None:
@@ -111,8 +124,9 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
         events = restarted.events()
         (recovered,) = [e for e in events if e["event"] == "call_recovered"]
         assert not [e for e in events if e["event"] == "spool_entry_damaged"]
-        names = [e["event"] for e in events]
-        assert names.index("call_recovered") < names.index("capture_started")
+        (summary,) = [e for e in events if e["event"] == "spool_recovered"]
+        assert (summary["recovered"], summary["damaged"], summary["why"]) == (1, 0, "start")
+        assert summary["stopped_early"] is False
 
         assert not [p for p in spool.rglob("*") if p.is_file()], "spool entries left behind"
         after = _published(out)
@@ -121,13 +135,7 @@ def test_calls_in_flight_at_kill_9_are_recovered_on_restart(tmp_path: Path, netn
         assert set(after) - set(before) == {wav_path, wav_path.with_suffix(".json")}
         _assert_whole(out)
         # the recovered recording is in the audit log like every other: the archive verifies
-        verify = subprocess.run(
-            [sys.executable, "-m", "callcap", "verify", str(out)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert verify.returncode == 0, verify.stdout
+        _assert_verifies(out)
 
         doc = json.loads(wav_path.with_suffix(".json").read_text(encoding="utf-8"))
         assert doc["end_reason"] == "recovered"
@@ -205,3 +213,44 @@ def test_unrecoverable_spool_entries_are_moved_aside_and_live_ones_left_alone(
     assert not stale_tmp.exists()
     assert live_wav.read_bytes() == b"in use" and live_facts.read_text() == "{}"
     assert not list(out.rglob("*.wav"))
+
+
+def test_the_daemon_is_ready_and_captures_while_it_recovers(tmp_path: Path, netns: str) -> None:
+    """Recovery runs beside capture: with the archive locked (as a long recovery, or a sweep
+    of a big archive, holds it) the daemon still says READY=1 and records, and the dead
+    writer's call is published — and audited — once the lock is free."""
+    out = tmp_path / "out"
+    dead = _dead_pid()
+    _dead_writer_entry(out, dead, 21, _checkpoint_sidecar())
+    entry = sorted(p.name for p in (out / ".spool").iterdir() if p.is_file())
+    archive = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(archive, fcntl.LOCK_EX)  # what AuditLog.locked takes
+    try:
+        daemon = RunningDaemon(tmp_path, ["--interface", "lo", "--out", str(out)], netns=netns)
+        try:
+            daemon.wait_ready()
+            daemon.wait_event("capture_started")
+            time.sleep(1.0)
+            names = [e["event"] for e in daemon.events()]
+            assert "call_recovered" not in names  # waiting for the lock, not for READY
+            assert sorted(p.name for p in (out / ".spool").iterdir() if p.is_file()) == entry
+            assert not list(out.rglob("*.wav"))
+        finally:
+            fcntl.flock(archive, fcntl.LOCK_UN)
+            os.close(archive)
+        recovered = daemon.wait_event("call_recovered", timeout=20)
+        summary = daemon.wait_event("spool_recovered", timeout=20)
+        assert daemon.stop() == 0, daemon.stderr[-2000:]
+    finally:
+        daemon.close()
+    assert (summary["recovered"], summary["damaged"], summary["why"]) == (1, 0, "start")
+    wav = Path(recovered["path"])
+    doc = json.loads(wav.with_suffix(".json").read_text(encoding="utf-8"))
+    validate_sidecar(doc)
+    assert doc["end_reason"] == "recovered" and doc["audio"]["frames"] == 800
+    assert not [p for p in (out / ".spool").iterdir() if p.is_file()]
+    audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["fields"]["call_uid"]) for e in audit] == [
+        ("recording_published", recovered["call_uid"])
+    ]
+    _assert_verifies(out)

@@ -27,6 +27,7 @@ from callcap.storage.spool import (
     checkpoint_facts,
     facts_path,
     recover_spool,
+    spool_files,
 )
 from callcap.storage.wav import WavWriter, recover_spooled_wav
 
@@ -342,3 +343,46 @@ def test_facts_older_than_the_audio_are_stretched_to_it(tmp_path: Path) -> None:
     (recovered,), _damaged = recover_spool(out2, alive=lambda pid: False)
     doc = json.loads(recovered.sidecar.read_text(encoding="utf-8"))
     assert doc["end"] == "2023-11-14T22:13:30.000Z" and doc["duration_s"] == 10.0
+
+
+def test_a_call_published_whole_but_not_forgotten_is_handed_back_as_it_is(
+    tmp_path: Path,
+) -> None:
+    """Killed after both renames, before the spool entry was forgotten (and the publication
+    logged): the recording stays exactly as published and is handed back, to be logged."""
+    out = tmp_path / "out"
+    _dead_writer_entry(out, 4_000_010, 11, _checkpoint_sidecar())
+    (first,), _ = recover_spool(out, alive=lambda pid: False)
+    assert first.wav is not None
+    wav_bytes, doc_bytes = first.wav.path.read_bytes(), first.sidecar.read_bytes()
+    # the same entry's facts once more, as if the writer had died before forgetting them
+    checkpoint_facts(
+        out,
+        pid=4_000_010,
+        slot=0,
+        facts=CallFacts(UID, 1_700_000_000.0, 1_700_000_010.0, _checkpoint_sidecar()),
+        file_mode=0o640,
+        dir_mode=0o750,
+    )
+    (again,), damaged = recover_spool(out, alive=lambda pid: False)
+    assert damaged == []
+    assert again.wav == first.wav and again.sidecar == first.sidecar
+    assert first.wav.path.read_bytes() == wav_bytes and first.sidecar.read_bytes() == doc_bytes
+    assert not [p for p in (out / ".spool").rglob("*") if p.is_file()]
+    assert len(list(out.rglob("*.wav"))) == 1 and len(list(out.rglob("*.json"))) == 1
+
+
+def test_recovery_limited_to_a_listing_leaves_files_made_after_it(tmp_path: Path) -> None:
+    """The daemon lists the spool before its workers start and recovers that list beside
+    them: an entry that appears later is not touched, even under a pid taken for dead."""
+    out = tmp_path / "out"
+    _dead_writer_entry(out, 4_000_011, 12, _checkpoint_sidecar())
+    listed = spool_files(out)
+    later = audio_path(out, "qrstuvwxyzabcdef", 4_000_011)
+    writer = WavWriter(later)
+    writer.write(_frames(80, 13))
+    writer.flush()
+    (recovered,), damaged = recover_spool(out, alive=lambda pid: False, only=listed)
+    assert damaged == [] and recovered.call_uid == UID
+    assert [p for p in (out / ".spool").iterdir() if p.is_file()] == [later]
+    writer.close()
