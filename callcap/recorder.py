@@ -525,6 +525,11 @@ class CallRecorder:
         if self.discarded:
             for pending in self._pending:
                 pending.clear()
+            # No audio, but the call goes on: its facts (the end recovery would give it)
+            # are saved as rarely as a quiet call's.
+            self._flushes += 1
+            if self._flushes - self._checkpoint_flush >= QUIET_CHECKPOINT_FLUSHES:
+                self.checkpoint(now)
             return
         if self.audio_stopped is not None:
             for pending in self._pending:

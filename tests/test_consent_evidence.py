@@ -453,16 +453,16 @@ def _audit_entries_within(out: Path, count: int, seconds: float = 10.0) -> list[
 def test_a_decision_is_audited_and_saved_when_it_is_made(
     tmp_path: Path, digit: str, status: str
 ) -> None:
-    """Not when the call ends: a sensor that dies in the call's eleventh second, after a key
+    """Not when the call ends: a sensor that dies in the call's third second, after a key
     in its first, leaves the decision in the audit log, and a refused call's spool entry
     already says why there is no audio (recovery publishes that sidecar alone)."""
-    call, start, _ref_a, _ref_b = talking_call(12.0)
+    call, start, _ref_a, _ref_b = talking_call(45.0)
     keys(call, start, [(1.0, digit)])
-    call.bye(start + 12.3)
+    call.bye(start + 45.3)
     pcap = write_pcap(tmp_path / "c.pcap", call.records)
     out = tmp_path / "out"
     pipeline = Pipeline(load_config_text(rule()), out, get_logger("test"), durable=True)
-    crashed = tmp_path / "crashed"
+    crashed, later = tmp_path / "crashed", tmp_path / "crashed-later"
     with CaptureReader(str(pcap)) as reader:
         for ts, linktype, frame in reader:
             pipeline.feed(ts, linktype, frame)
@@ -473,6 +473,8 @@ def test_a_decision_is_audited_and_saved_when_it_is_made(
                 (entry,) = _audit_entries_within(out, 1)
                 # a copy of the output directory as a crash at this moment leaves it
                 shutil.copytree(out, crashed)
+            if ts >= start + 44.0 and not later.exists():
+                shutil.copytree(out, later)
     pipeline.close("capture_end")
     assert entry["event"] == "consent_decided"
     assert entry["fields"] == {
@@ -500,6 +502,12 @@ def test_a_decision_is_audited_and_saved_when_it_is_made(
     if status == "refused":
         assert recovered.wav is None and doc["audio"] is None
         assert doc["consent"]["action"] == "discarded" and doc["dtmf"] == []
+        # with no audio the facts are still saved now and then: a crash 40 s on recovers
+        # a call that lasted until close to then, not one cut at the refusal
+        (again,), _ = recover_spool(later, alive=lambda pid: False)
+        long = json.loads(again.sidecar.read_text(encoding="utf-8"))
+        assert long["audio"] is None and long["consent"]["status"] == "refused"
+        assert long["duration_s"] >= doc["duration_s"] + 29.0
     else:
         assert recovered.wav is not None
 
