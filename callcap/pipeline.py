@@ -132,7 +132,10 @@ class Pipeline:
         #: call (:mod:`callcap.capture.timeguard`): no call can hold a silence longer than
         #: its inactivity timeout, so no frame may move the clock further than that.
         self._guard = TimeGuard(
-            config.calls.inactivity_timeout_s, self._capture_clock, on_fault=self._time_fault
+            config.calls.inactivity_timeout_s,
+            self._capture_clock,
+            on_fault=self._time_fault,
+            on_drop=self._time_impossible,
         )
         self.frames = 0
         self.bytes = 0
@@ -725,6 +728,15 @@ class Pipeline:
             "capture_time_fault",
             "frames stamped far from every frame around them (corrupt capture times) were "
             "re-stamped at the capture clock while this call was in flight",
+        )
+
+    def _time_impossible(self, _ts: float) -> None:
+        """A frame stamped before 1970 or after 2199, with no frame near it to borrow a time
+        from (:class:`~callcap.capture.timeguard.TimeGuard`): dropped, counted."""
+        self.drops.drop(
+            "capture_time_impossible",
+            self.now if math.isfinite(self.now) else 0.0,
+            detail="a frame stamped outside 1970-2199, with no plausible time near it",
         )
 
     def _clock_step(self, step: ClockStep) -> None:

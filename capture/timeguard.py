@@ -16,6 +16,12 @@ accepted so far, or the pipeline's idle clock):
   :class:`ClockStep` before the frame, and the pipeline ends the calls in flight at the old
   clock, saying why, instead of stretching them across the step.
 
+A time no capture can hold — before 1970, or from the year 2200 on (a pcapng whose time
+resolution lies, a mangled record header) — never reaches a call: it would put years no
+sidecar can write on the recording.  Such a frame is a fault, re-stamped at the capture
+clock (or at its successor's time, before there is a clock); one with neither is dropped
+and counted (``impossible``, told to ``on_drop``).
+
 ``limit`` is the calls' inactivity timeout: no call can hold a silence longer than that
 anyway, so nothing real is lost by refusing a longer one inside a call.  A frame whose
 successor is not known yet (the last of a block) waits for the next block to decide.
@@ -31,6 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from callcap.capture.block import FrameBlock
+
+#: 2200-01-01T00:00:00Z: no frame is captured at or after it (nor before the epoch).
+MAX_CAPTURE_TIME = 7_258_118_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,7 @@ class TimeGuard:
         limit_s: float,
         clock: Callable[[], float],
         on_fault: Callable[[float, float], None] | None = None,
+        on_drop: Callable[[float], None] | None = None,
     ) -> None:
         #: how far a frame may be from the capture clock before it is looked at
         self.limit = limit_s
@@ -63,14 +73,23 @@ class TimeGuard:
         self._on_fault = on_fault
         #: frames re-stamped at the capture clock
         self.faults = 0
+        #: told the time of every frame dropped for an impossible time
+        self._on_drop = on_drop
+        #: frames dropped: an impossible time, and no time near to give them
+        self.impossible = 0
         self._held: FrameBlock | None = None  # a suspect last frame, waiting for its successor
 
     def blocks(self, blocks: Iterable[FrameBlock]) -> Iterator[FrameBlock | ClockStep]:
         """Each block (or its parts, around a fault or a step) in order.  A held frame is
         kept for the next call unless ``blocks`` ends the capture (see :meth:`release`)."""
-        for block in blocks:
-            if not len(block):
+        for given in blocks:
+            if not len(given):
                 continue
+            block = given
+            possible = (given.times >= 0.0) & (given.times < MAX_CAPTURE_TIME)
+            if not possible.all():
+                # impossible times are no times: the slow path re-stamps (or drops) them
+                block = dataclasses.replace(given, times=np.where(possible, given.times, np.nan))
             if self._held is None and self._plausible(block):
                 yield block
             else:
@@ -81,7 +100,11 @@ class TimeGuard:
         a fault and goes on re-stamped."""
         held, self._held = self._held, None
         if held is not None:
-            yield self._restamp(held, self._reference())
+            reference = self._reference()
+            if math.isfinite(reference):
+                yield self._restamp(held, reference)
+            else:
+                self._drop(held)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -151,13 +174,24 @@ class TimeGuard:
         reference = self._reference() if clock is None else clock
         t = float(frame.times[0])
         if not math.isfinite(reference):
-            yield frame
+            if math.isfinite(t):
+                yield frame
+            elif math.isfinite(following):
+                yield self._restamp(frame, following)  # no clock yet: its successor's time
+            else:
+                self._drop(frame)
             return
         if math.isfinite(t) and math.isfinite(following) and abs(following - t) <= self.limit:
             yield ClockStep(reference, t)
             yield frame
             return
         yield self._restamp(frame, reference)
+
+    def _drop(self, frame: FrameBlock) -> None:
+        """``frame`` (one frame) has no time it could be given: counted, not passed on."""
+        self.impossible += 1
+        if self._on_drop is not None:
+            self._on_drop(float(frame.times[0]))
 
     def _restamp(self, frame: FrameBlock, clock: float) -> FrameBlock:
         """``frame`` (one frame) at time ``clock``, counted and told as a fault."""

@@ -300,3 +300,42 @@ def test_guard_decides_a_suspect_last_frame_with_the_next_block() -> None:
     assert out == [10.0, 10.02, ("step", 10.02, 5000.0), 5000.0, 5000.02]
     out, guard = _run([[10.0, 10.02, 9e9]])  # the capture ends on it: a fault
     assert out == [10.0, 10.02, 10.02] and guard.faults == 1
+
+
+# Times no capture can hold (before 1970, from 2200 on): never a step, never on a call.
+YEAR_55840 = 1.7e12
+
+
+def test_guard_restamps_impossible_times_even_when_they_agree_with_each_other() -> None:
+    out, guard = _run([[10.0, 10.02, YEAR_55840, YEAR_55840 + 0.02, YEAR_55840 + 0.04]])
+    assert out == [10.0, 10.02, 10.02, 10.02, 10.02]
+    assert guard.faults == 3 and guard.impossible == 0
+
+
+def test_guard_gives_an_impossible_first_frame_its_successors_time() -> None:
+    out, guard = _run([[-1.0, 10.0, 10.02]])
+    assert out == [10.0, 10.0, 10.02] and guard.faults == 1
+
+
+def test_guard_drops_impossible_frames_with_no_time_near_them() -> None:
+    out, guard = _run([[YEAR_55840, YEAR_55840 + 0.02], [YEAR_55840 + 0.04]])
+    assert out == [] and guard.impossible == 3 and guard.faults == 0
+
+
+def test_a_capture_that_runs_into_an_impossible_year_writes_only_valid_sidecars(
+    tmp_path: Path, calls: Path, reference: dict[str, Any]
+) -> None:
+    """The second half of the capture stamped in the year 55840 (what a pcapng whose time
+    resolution lies gives): no sidecar may carry that year (none could be written), and no
+    recording grows past the capture's own span."""
+    frames = _frames(calls)
+    half = len(frames) // 2
+    frames[half:] = [(t + YEAR_55840, lt, f) for t, lt, f in frames[half:]]
+    pipeline = _record(frames, tmp_path / "out")
+    got = published(tmp_path / "out")
+    assert got.keys() == reference.keys()
+    for call_id, (doc, audio) in got.items():
+        assert doc["start"] == reference[call_id][0]["start"]
+        assert doc["end"] < "2200"
+        assert audio is not None and len(audio) <= len(reference[call_id][1])
+    assert pipeline.drops.totals["capture_time_fault"] == len(frames) - half
