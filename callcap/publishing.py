@@ -268,8 +268,8 @@ def _log_publication(log: AuditWriter, published: Published) -> str | None:
     consent = doc["consent"]
     try:
         if consent["mode"] == "all_party" and not published.consent_audited:
-            # (a decision is audited when made; this is for one the recorder had not made
-            # until the call ended — ``missing`` settled at the end — or did not note)
+            # (a decision is audited when made; this is for a call never answered, which
+            # had no consent window and so no note)
             evidence = consent["evidence"]
             log.append(
                 CONSENT_DECIDED,

@@ -571,26 +571,32 @@ def _recover_sidecar(
     sidecar is in place already is handed back as it is (to be logged as published)."""
     final = wav.with_suffix(".json")
     staged = sorted(wav.parent.glob(f".{final.name}.tmp-*"))
-    size, digest = seal_file(wav, file_mode=file_mode)
     sidecar: Path | None = None
     doc: dict[str, Any] | None = None
     if final.exists():  # both in place: the publication only lacks its audit entry
+        size, digest = seal_file(wav, file_mode=file_mode)
         doc = json.loads(final.read_bytes())
         if not isinstance(doc, dict) or (doc.get("audio") or {}).get("sha256") != digest:
             raise StorageError(f"{final.name} does not describe {wav.name}")
         sidecar = final
-    for tmp in staged if sidecar is None else ():
-        try:
-            candidate = json.loads(tmp.read_bytes())
-            validate_sidecar(candidate)
-        except (OSError, ValueError, StorageError):
-            continue
-        audio = candidate.get("audio") or {}
-        if audio.get("sha256") == digest and audio.get("bytes") == size:
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-            sidecar, doc = final, candidate
-            break
+    else:
+        # a staged sidecar of this WAV names its size: the WAV is hashed (once) only when
+        # one does, to check the hash it names
+        size = wav.stat().st_size
+        candidates = [
+            (tmp, staged_doc)
+            for tmp in staged
+            if (staged_doc := _whole_sidecar(tmp)) is not None
+            and (staged_doc.get("audio") or {}).get("bytes") == size
+        ]
+        if candidates:
+            size, digest = seal_file(wav, file_mode=file_mode)
+            for tmp, candidate in candidates:
+                if candidate["audio"].get("sha256") == digest:
+                    os.rename(tmp, final)
+                    fsync_dir(final.parent)
+                    sidecar, doc = final, candidate
+                    break
     if sidecar is None or doc is None:
         frames, fmt = recover_spooled_wav(wav)
         size, digest = seal_file(wav, file_mode=file_mode)
@@ -607,6 +613,16 @@ def _recover_sidecar(
     return Recovered(
         uid, wav_file, sidecar, doc["duration_s"], doc["audio"]["duration_s"], doc["end_reason"]
     )
+
+
+def _whole_sidecar(path: Path) -> dict[str, Any] | None:
+    """The sidecar a writer staged at ``path``, if it reads whole and valid."""
+    try:
+        doc = json.loads(path.read_bytes())
+        validate_sidecar(doc)
+    except (OSError, ValueError, StorageError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _remove_facts(files: dict[str, Path]) -> None:
