@@ -60,6 +60,7 @@ from callcap.capture.link import (
     VLAN_TAGS,
 )
 from callcap.capture.stream import place_runs
+from callcap.codecs.g711 import CODE_PER_SAMPLE
 
 if TYPE_CHECKING:
     from callcap.recorder import CallRecorder
@@ -885,15 +886,17 @@ class FastLane:
             psizes,
             np.ones(len(batch), dtype=np.bool_),
         )
-        # The placed runs' payloads, cut out of their blocks and decoded: one gather and one
-        # table lookup per payload size and codec, for every call at once.
+        # The placed runs' payloads, cut out of their blocks: one gather per payload size and
+        # codec, for every call at once.  G.711 waits in the calls' queues as codes, decoded
+        # when written (half the memory); another codec is decoded here, one lookup a group.
         groups: dict[tuple[int, Any], list[int]] = {}
         for r, ((_run, _c, decoder), size, pos) in enumerate(
             zip(batch, psizes, placed, strict=True)
         ):
             if pos is not None:
                 groups.setdefault((size, decoder), []).append(r)
-        decoded: dict[int, tuple[npt.NDArray[np.int16], int]] = {}  # run → (samples, offset)
+        # run → (samples or codes, offset, the codes' decoder)
+        decoded: dict[int, tuple[npt.NDArray[Any], int, Any]] = {}
         for (size, decoder), members in groups.items():
             mine = _ranges(firsts[members], lengths[members])
             data = np.empty((len(mine), size), dtype=np.uint8)
@@ -907,10 +910,11 @@ class FastLane:
                         block.starts[rows] + fr.at[mine[at]],
                         np.dtype((np.uint8, (size,))),
                     )
-            pcm = decoder(data.reshape(-1))
+            lazy = decoder in CODE_PER_SAMPLE
+            pcm = data.reshape(-1) if lazy else decoder(data.reshape(-1))
             offset = 0
             for r in members:
-                decoded[r] = (pcm, offset)
+                decoded[r] = (pcm, offset, decoder if lazy else None)
                 offset += batch[r][0].n * size
         # which placed runs are back to back on the timeline (one step of their size each)
         kept = [pos for pos in placed if pos is not None]
@@ -938,13 +942,19 @@ class FastLane:
             run.n = 0  # taken
             p.rtp_packets += n
             p.counters["rtp_placed_in_runs"] += n
-            pcm, offset = decoded[r]
+            pcm, offset, codes_of = decoded[r]
             last = float(fr.arrivals[run.first + n - 1])
             recorder = run.flow.recorder
             assert recorder is not None
             try:
                 recorder.queue_run(
-                    ctx, positions, pcm[offset : offset + n * size], size, last, next(contiguous)
+                    ctx,
+                    positions,
+                    pcm[offset : offset + n * size],
+                    size,
+                    last,
+                    next(contiguous),
+                    codes_of,
                 )
             except Exception as exc:  # noqa: BLE001 - one call's bug stays in that call
                 p.internal_error(last, exc)

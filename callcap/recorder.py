@@ -30,7 +30,7 @@ from callcap.capture.media import endpoint_text, ip_text, other_side
 from callcap.capture.sdp import STATIC_PAYLOAD_TYPES, MediaDescription, RtpMap
 from callcap.capture.stream import LEAP, TIMELINE_RATE, RtpStream
 from callcap.codecs.dtmf import DtmfDigit, EventTracker
-from callcap.codecs.g711 import DECODERS
+from callcap.codecs.g711 import DECODERS, Payload
 from callcap.codecs.inband import InbandDtmfDetector, ToneDigit
 from callcap.config.schema import Config, Duration
 from callcap.consent import ConsentDecision, ConsentTracker
@@ -51,7 +51,12 @@ from callcap.storage.sidecar import SCHEMA_VERSION, clean_text, iso_utc
 from callcap.storage.spool import CallFacts, FactsFiles, audio_path, remove_entry
 from callcap.storage.wav import WavWriter
 
-Decoder = Callable[[bytes], npt.NDArray[np.int16]]
+Decoder = Callable[[Payload], npt.NDArray[np.int16]]
+Queued = tuple[int, npt.NDArray[Any], Decoder | None]
+"""Audio waiting to be written: its timeline position, and either its samples (decoder
+None) or its codes and their decoder.  G.711 (:data:`~callcap.codecs.g711.CODE_PER_SAMPLE`)
+waits as codes, one byte a sample, and is decoded when written: what waits for the jitter
+window and the flush interval is most of a call's memory."""
 
 CHANNELS = ("caller", "callee")
 MAX_GAPS = 1000
@@ -114,7 +119,7 @@ class _StreamContext:
     decoded: bool = False
     encrypted: bool = False
     codec: str | None = None
-    pending: list[tuple[int, npt.NDArray[np.int16]]] = field(default_factory=list)
+    pending: list[Queued] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,10 +264,8 @@ class CallRecorder:
         self.written = 0
         self._writer: WavWriter | None = None
         self._part: Path | None = None
-        #: Decoded samples waiting to be written, per channel: (timeline position, samples).
-        self._pending: tuple[
-            list[tuple[int, npt.NDArray[np.int16]]], list[tuple[int, npt.NDArray[np.int16]]]
-        ] = ([], [])
+        #: Audio waiting to be written, per channel (:data:`Queued`).
+        self._pending: tuple[list[Queued], list[Queued]] = ([], [])
         self._carry: npt.NDArray[np.int16] | None = None
         self._jitter = config.rtp.jitter_window_ms * TIMELINE_RATE // 1000
         self.streams: dict[tuple[bytes, int, bytes, int, int], _StreamContext] = {}
@@ -470,7 +473,7 @@ class CallRecorder:
                 return
             decoder = kind[2]
             assert decoder is not None
-            ctx.pending.append((pos, decoder(payload)))
+            ctx.pending.append((pos, decoder(payload), None))
         elif what is PayloadKind.EVENT:
             if stream.push(arrival, seq, ts, pt, 0, timing=False) is None:
                 return
@@ -493,29 +496,32 @@ class CallRecorder:
         self,
         ctx: _StreamContext,
         positions: npt.NDArray[np.int64],
-        samples: npt.NDArray[np.int16],
+        samples: npt.NDArray[Any],
         size: int,
         last_arrival: float,
         contiguous: bool | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         """Queue a run of audio packets already placed on the timeline (see
-        :func:`~callcap.capture.stream.place_runs`) and decoded: ``size`` samples each, back
-        to back in ``samples``.  Back-to-back positions (no loss, no clock slip) make one
-        queue item; ``contiguous`` says whether they are when the caller already knows."""
+        :func:`~callcap.capture.stream.place_runs`): ``size`` samples each, back to back in
+        ``samples``: decoded, or codes that ``decoder`` (one of
+        :data:`~callcap.codecs.g711.CODE_PER_SAMPLE`) decodes when they are written.
+        Back-to-back positions (no loss, no clock slip) make one queue item; ``contiguous``
+        says whether they are when the caller already knows."""
         self.last_rtp = last_arrival
         written = self.written
         first = int(positions[0])
         if contiguous is None:
             contiguous = len(positions) == 1 or bool((positions[1:] - positions[:-1] == size).all())
         if first >= written and contiguous:
-            ctx.pending.append((first, samples))
+            ctx.pending.append((first, samples, decoder))
             return
         for i, pos in enumerate(positions.tolist()):
             if pos < written:
                 ctx.late += 1
                 self._gap(ctx.stream.side, pos, pos + size)
             else:
-                ctx.pending.append((pos, samples[i * size : (i + 1) * size]))
+                ctx.pending.append((pos, samples[i * size : (i + 1) * size], decoder))
 
     # -- time -----------------------------------------------------------------------------------
 
@@ -690,7 +696,7 @@ class CallRecorder:
             for pending in self._pending:
                 pending[:] = [item for item in pending if item[0] <= limit]
             last = max(
-                (pos + len(samples) for pending in self._pending for pos, samples in pending),
+                (pos + len(data) for pending in self._pending for pos, data, _d in pending),
                 default=0,
             )
             horizon = max(round((end - self.origin) * TIMELINE_RATE), last, self.written)
@@ -1002,10 +1008,10 @@ class CallRecorder:
             pending = self._pending[ch]
             if not pending:
                 continue
-            taken = [item for item in pending if item[0] < horizon]
+            taken, rest = _cut(pending, horizon)
             if not taken:
                 continue
-            pending[:] = [item for item in pending if item[0] >= horizon]
+            pending[:] = rest
             index, samples = _placement(taken, start)
             if isinstance(index, slice):
                 length = max(length, index.stop)
@@ -1248,7 +1254,39 @@ class CallRecorder:
 _Placed = tuple["npt.NDArray[np.int64] | slice", "npt.NDArray[np.int16]"]
 
 
-def _placement(items: list[tuple[int, npt.NDArray[np.int16]]], start: int) -> _Placed:
+def _cut(items: list[Queued], horizon: int) -> tuple[list[Queued], list[Queued]]:
+    """Queued items split at timeline sample ``horizon``: what lies before it (to write now)
+    and what lies after (to stay queued, in order — later items still win an overlap).  An
+    item across the horizon is cut in two, so its tail waits as it came (G.711 as codes)
+    rather than in the next write's carried-over samples."""
+    taken: list[Queued] = []
+    rest: list[Queued] = []
+    for item in items:
+        pos, data, decoder = item
+        if pos >= horizon:
+            rest.append(item)
+        elif pos + len(data) <= horizon:
+            taken.append(item)
+        else:
+            cut = horizon - pos
+            taken.append((pos, data[:cut], decoder))
+            rest.append((horizon, data[cut:], decoder))
+    return taken, rest
+
+
+def _decoded(items: list[Queued]) -> npt.NDArray[np.int16]:
+    """The samples of queued items, one after the other: codes of one decoder (the usual
+    case) put together and decoded at once."""
+    decoder = items[0][2]
+    if all(item[2] is decoder for item in items):
+        data = items[0][1] if len(items) == 1 else np.concatenate([item[1] for item in items])
+        return data if decoder is None else decoder(data)
+    return np.concatenate(
+        [data if decoder is None else decoder(data) for _p, data, decoder in items]
+    )
+
+
+def _placement(items: list[Queued], start: int) -> _Placed:
     """Where queued samples go in the block that starts at timeline sample ``start``:
     (sample indices, samples) — a slice when they are back to back, the usual case.
 
@@ -1256,11 +1294,12 @@ def _placement(items: list[tuple[int, npt.NDArray[np.int16]]], start: int) -> _P
     dropped.  Where stretches overlap (a duplicate that slipped through), the later wins.
     """
     if len(items) == 1 and items[0][0] >= start:
-        pos, samples = items[0]
+        pos = items[0][0]
+        samples = _decoded(items)
         return slice(pos - start, pos - start + len(samples)), samples
-    positions = [pos for pos, _ in items]
-    lengths = [len(samples) for _, samples in items]
-    samples = np.concatenate([samples for _, samples in items])
+    positions = [item[0] for item in items]
+    lengths = [len(item[1]) for item in items]
+    samples = _decoded(items)
     first = positions[0] - start
     if first >= 0 and all(
         nxt == pos + size for pos, size, nxt in zip(positions, lengths, positions[1:], strict=False)

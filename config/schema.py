@@ -193,11 +193,12 @@ class RingConfig:
     is what absorbs the recorder's pauses: when every block is waiting to be read, the
     kernel drops frames (counted, logged as ``capture_overrun``).  A G.711 call is about
     100 frames/s of some 300 bytes in the ring: 2,000 calls fill 60 MB/s, so the default
-    64 MiB ring holds a second of them per worker.
+    128 MiB ring holds two seconds of them per worker — what a set-up burst of 2,000 calls
+    within two seconds needs (64 MiB overran there: bench/README.md, live ladder).
     """
 
     block_size: int = field(default=1 << 20, metadata={"check": _ring_block})
-    blocks: int = field(default=64, metadata={"check": (2, 65536)})
+    blocks: int = field(default=128, metadata={"check": (2, 65536)})
     retire_timeout_ms: int = field(default=20, metadata={"check": (1, 1000)})
 
 
