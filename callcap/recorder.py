@@ -543,12 +543,10 @@ class CallRecorder:
         if self.origin is None:
             self._settle_consent(now)
             return
-        horizon = int((now - self.origin) * TIMELINE_RATE) - self._jitter
         for ctx in self.streams.values():
-            # nothing lands before what this flush writes: a stream whose packets would
-            # land there catches up now, not a window later (RtpStream.end_window)
-            ctx.stream.end_window(max(horizon, self.written))
+            ctx.stream.end_window()
             self._collect_gaps(ctx)
+        horizon = int((now - self.origin) * TIMELINE_RATE) - self._jitter
         wrote = horizon > self.written and self.audio_stopped is None
         if wrote:
             self._write_until(horizon)

@@ -466,36 +466,16 @@ class RtpStream:
         ext_ts = self._ref_ext_ts + ts_delta(self._ref_ts, ts)
         return round(ext_ts * self._scale + self._anchor)
 
-    def end_window(self, floor: float = -_NEVER) -> None:
+    def end_window(self) -> None:
         """Close a placement window (about a second): follow a clock that has fallen behind.
 
         If every packet of the window arrived later than the anchor says by more than the
         drift limit, the sender's clock runs slow against ours (or it paused its timestamps)
         and no pause came to correct it in: move the anchor so placement keeps matching
         capture time.  (Smaller lags are corrected at the next talk spurt's start.)
-
-        ``floor`` is where the call's timeline is written up to: nothing can be placed
-        before it any more.  If the stream's next packet in sequence would still land there
-        — its packets fell further behind their media time within the window than the
-        recorder waits for them (a path whose delay grew by more than the jitter window, a
-        sender that stalled and now sends in bursts) — every packet of it would come too
-        late and its audio would be lost, though it arrived.  The anchor then follows its
-        newest packet at once: the next one lands where its arrival puts it, after a hole
-        that is a gap like any other move inside a talk spurt.
         """
-        window_min = self._window_min
-        if window_min == _NEVER:
-            return
-        anchor = self._anchor
-        if window_min > anchor + self.drift_limit:
-            self._move_anchor(window_min)
-            self.stats.reanchors += 1
-        latest = self._last_transit
-        if (
-            self._prev_end + (self._anchor - anchor) < floor
-            and latest > self._anchor + self.tolerance
-        ):
-            self._move_anchor(latest)
+        if self._window_min != _NEVER and self._window_min > self._anchor + self.drift_limit:
+            self._move_anchor(self._window_min)
             self.stats.reanchors += 1
         self._window_min = _NEVER
 
