@@ -268,7 +268,7 @@ def recordings_fs(work: Path, size: int, *, keep: bool = False) -> Iterator[Path
     a file creation costs.  On an ext4 made without a journal the inode allocator skips
     every inode freed in the last minutes (``recently_deleted``), so right after a rung (or
     another run) removed thousands of recordings a new file costs 0.4-0.5 ms of CPU against
-    some 20 µs; a daemon creating four files per call set-up then overruns for the
+    some 20 µs; a daemon creating four files per call then overruns for the
     benchmark's own clean-up.  A sparse image: only what is written takes room.  ``keep``
     leaves it mounted (``--keep``: the recordings are there to look at)."""
     image = work / "recordings.img"
