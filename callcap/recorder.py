@@ -1002,6 +1002,7 @@ class CallRecorder:
         if n <= 0 or self.discarded or self.audio_stopped is not None:
             return
         carry = self._carry
+        # what is taken ends by the horizon (_cut): the block is this stretch, or the carry
         length = max(n, 0 if carry is None else len(carry))
         placed: list[tuple[int, npt.NDArray[np.int64] | slice, npt.NDArray[np.int16]]] = []
         for ch in (0, 1):
@@ -1013,10 +1014,6 @@ class CallRecorder:
                 continue
             pending[:] = rest
             index, samples = _placement(taken, start)
-            if isinstance(index, slice):
-                length = max(length, index.stop)
-            elif len(index):
-                length = max(length, int(index.max()) + 1)
             placed.append((ch, index, samples))
         block = np.zeros((length, 2), dtype=np.int16)
         if carry is not None:
